@@ -1,0 +1,2422 @@
+#!/usr/bin/env python3
+"""wabhook: receive WhatsApp bridge webhooks and hand every event to your scripts.
+
+One file, the Python standard library, nothing to install:
+
+    python wabhook.py --port 3000
+
+The path of one event, in the order of the sections below:
+
+    socket  -> HTTP front: route, authenticate, read the body (length or chunked),
+               parse it as a JSON object with an `event` string
+            -> Inbox: one SQLite transaction stores the event and its dedup key;
+               only after COMMIT does the sender get its 200
+            -> Dispatch: a worker claims the event (a lease, never a delete),
+               fans it out to every handler in the handlers folder and records
+               each handler's outcome; failures come back with backoff, then
+               go to the dead letters
+            -> Handlers: `<event>.py` with handle(event), or any executable
+               `<event>[.<label>][.ext]` that reads the event JSON on stdin.
+
+The promises:
+
+- A 200 means the event is committed to disk; it survives kill -9 right after.
+- Every handler present when an event is dispatched gets it at least once;
+  success is recorded per handler, so a retry re-runs only the ones that failed.
+- Events of one chat (same bridge and chat) are handled one at a time, in
+  arrival order; different chats run in parallel; a retry does not hold up
+  its chat.
+- The ack never waits for a handler: the backlog lives in SQLite.
+
+Handlers import the event types from here: `from wabhook import MessageEvent`.
+"""
+
+import argparse
+import base64
+import binascii
+import contextlib
+import dataclasses
+import difflib
+import email.utils
+import hashlib
+import hmac
+import http.server
+import json
+import logging
+import os
+import queue
+import random
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import types
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import namedtuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+# ---------------------------------------------------------------------------
+# 1. Constants and Config
+# ---------------------------------------------------------------------------
+
+__version__ = "0.1.0"
+
+EVENT_TYPES = (
+    "message",
+    "connected",
+    "disconnected",
+    "typing",
+    "poll_vote",
+    "event_response",
+    "call_incoming",
+    "call_terminated",
+    "offline_sync_preview",
+    "offline_sync_completed",
+    "profile_picture_updated",
+)
+ALL_EVENTS = "all"  # handler prefix that receives every event, unknown types included
+
+BRIDGE_LABEL = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+COMMANDS = ("serve", "send", "check", "events", "replay", "stats")
+
+Option = namedtuple("Option", "name default kind help")
+
+# The one table of settings: argparse, the environment (WABHOOK_<NAME>) and the
+# README reference are all built from, or checked against, these rows.
+OPTIONS = (
+    Option("host", "0.0.0.0", "str", "address to listen on"),
+    Option("port", 3000, "port", "TCP port to listen on (0 picks a free one)"),
+    Option("path", "/hook", "urlpath", "URL path that receives events; <path>/<bridge> too"),
+    Option("db", "./wabhook.db", "str", "SQLite file holding the inbox, dedup keys and delivery state"),
+    Option("handlers", "./handlers", "str", "folder of handler files"),
+    Option("workers", 8, "count", "handler runs at the same time"),
+    Option("retries", 5, "count", "attempts per handler before an event is dead-lettered"),
+    Option("retry_delay", "5s", "duration", "delay before the first retry; doubles each attempt (with jitter)"),
+    Option("script_timeout", "60s", "duration", "a handler run longer than this fails (scripts are killed)"),
+    Option("shutdown_timeout", "10s", "duration", "on SIGTERM, how long running handlers may finish"),
+    Option("timeout", "30s", "duration", "idle or slow HTTP connections are closed after this"),
+    Option("max_body", "1MiB", "size", "largest accepted request body"),
+    Option("retention", "7d", "duration", "how long dedup keys and delivered events are kept"),
+    Option("dedup_window", "0", "duration", "drop byte-identical events without identity within this window (0: off)"),
+    Option("token", None, "secret", "shared secret every POST must present (?token=, Bearer, Basic password)"),
+    Option("secret", None, "secret", "Standard Webhooks signing secret (whsec_...) to verify signatures"),
+    Option("tls_cert", None, "str", "certificate file (PEM) to serve HTTPS directly"),
+    Option("tls_key", None, "str", "private key file (PEM) for --tls-cert"),
+    Option("log_format", "text", ("text", "json"), "log lines as readable text or one JSON object per line"),
+    Option("log_level", "info", ("debug", "info", "warning", "error"), "least severe log level shown"),
+    Option("access_log", False, "bool", "log one line per HTTP request"),
+)
+
+DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
+              "mb": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3}
+
+
+class ConfigError(Exception):
+    """A setting has a value wabhook cannot use; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one run, after flags, environment and defaults."""
+
+    host: str = "0.0.0.0"
+    port: int = 3000
+    path: str = "/hook"
+    db: str = "./wabhook.db"
+    handlers: str = "./handlers"
+    workers: int = 8
+    retries: int = 5
+    retry_delay: float = 5.0
+    script_timeout: float = 60.0
+    shutdown_timeout: float = 10.0
+    timeout: float = 30.0
+    max_body: int = 1024 * 1024
+    retention: float = 7 * 86400.0
+    dedup_window: float = 0.0
+    token: Optional[str] = None
+    secret: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    log_format: str = "text"
+    log_level: str = "info"
+    access_log: bool = False
+
+
+def env_name(option_name: str) -> str:
+    """The environment variable that sets an option: retry_delay -> WABHOOK_RETRY_DELAY."""
+    return "WABHOOK_" + option_name.upper()
+
+
+def flag_name(option_name: str) -> str:
+    return "--" + option_name.replace("_", "-")
+
+
+def parse_duration(text) -> float:
+    """Seconds from '30', '30s', '500ms', '5m', '2h' or '7d'."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", str(text).lower())
+        if not match:
+            raise ValueError("expected a duration such as 30, 30s, 500ms, 5m, 2h or 7d")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2) or ""]
+    return seconds
+
+
+def parse_size(text) -> int:
+    """Bytes from '1048576', '512k', '1MiB' or '2M'."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in SIZE_UNITS:
+        raise ValueError("expected a size such as 1048576, 512KiB or 1MiB")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
+
+
+def _convert_option(option: Option, value):
+    kind = option.kind
+    if isinstance(kind, tuple):
+        value = str(value).lower()
+        if value not in kind:
+            raise ValueError("expected one of " + ", ".join(kind))
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("expected true or false")
+    if kind == "duration":
+        return parse_duration(value)
+    if kind == "size":
+        size = parse_size(value)
+        if size < 1:
+            raise ValueError("expected at least 1 byte")
+        return size
+    if kind == "port":
+        port = int(value)
+        if not 0 <= port <= 65535:
+            raise ValueError("expected a port from 0 to 65535")
+        return port
+    if kind == "count":
+        count = int(value)
+        if count < 1:
+            raise ValueError("expected a whole number of at least 1")
+        return count
+    if kind == "urlpath":
+        path = str(value).rstrip("/") or "/"
+        if not path.startswith("/") or not re.fullmatch(r"/[A-Za-z0-9._~/-]*", path):
+            raise ValueError("expected a URL path such as /hook")
+        return path
+    if value is None:
+        return None
+    return str(value) or None if kind == "secret" else str(value)
+
+
+def build_config(flags: Dict[str, object], environ: Dict[str, str]) -> Config:
+    """The run's Config: a flag wins over WABHOOK_<NAME>, which wins over the default."""
+    values = {}
+    for option in OPTIONS:
+        raw, source = option.default, "default"
+        if environ.get(env_name(option.name), "") != "":
+            raw, source = environ[env_name(option.name)], env_name(option.name)
+        if flags.get(option.name) is not None:
+            raw, source = flags[option.name], flag_name(option.name)
+        try:
+            values[option.name] = _convert_option(option, raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("%s=%r: %s" % (source, raw, exc)) from None
+    config = Config(**values)
+    validate_config(config)
+    return config
+
+
+def validate_config(config: Config) -> None:
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if config.path in ("/healthz", "/metrics"):
+        raise ConfigError("--path %s collides with an operator endpoint" % config.path)
+    if config.retry_delay <= 0 or config.script_timeout <= 0 or config.timeout <= 0:
+        raise ConfigError("--retry-delay, --script-timeout and --timeout must be above 0")
+
+
+# ---------------------------------------------------------------------------
+# 2. Events
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    """What every handler receives.
+
+    `event` is the type name, `bridge` the URL label the sender posted to (None
+    on the bare path), `id` the inbox id, `received_at` the Unix time it was
+    stored, and `raw` the original JSON object, so a field the sender adds
+    later is never lost.
+    """
+
+    event: str = ""
+    bridge: Optional[str] = None
+    id: Optional[int] = None
+    received_at: float = 0.0
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class MessageEvent(Event):
+    """A chat message. `body` is the text; `from_me` is True for your own messages."""
+
+    message_id: str = ""
+    contact_id: str = ""
+    phone: str = ""
+    chat_id: str = ""
+    name: str = ""
+    body: str = ""
+    type: str = ""
+    media_type: str = ""
+    is_group: bool = False
+    from_me: bool = False
+    timestamp: int = 0
+
+
+@dataclass
+class ConnectedEvent(Event):
+    """The bridge connected to WhatsApp as `phone`."""
+
+    phone: str = ""
+
+
+@dataclass
+class DisconnectedEvent(Event):
+    """The bridge lost its WhatsApp session."""
+
+
+@dataclass
+class TypingEvent(Event):
+    """A contact is typing: `state` is composing or paused, `mode` text or voice."""
+
+    contact_id: str = ""
+    chat_id: str = ""
+    state: str = ""
+    mode: str = ""
+
+
+@dataclass
+class PollVoteEvent(Event):
+    """A vote on a poll; `selected_options` lists the chosen option texts."""
+
+    contact_id: str = ""
+    phone: str = ""
+    chat_id: str = ""
+    poll_id: str = ""
+    message_id: str = ""
+    name: str = ""
+    from_me: bool = False
+    timestamp: int = 0
+    selected_options: list = field(default_factory=list)
+
+
+@dataclass
+class EventResponseEvent(Event):
+    """An answer to a WhatsApp event invitation: `response` is going, not_going or maybe."""
+
+    contact_id: str = ""
+    phone: str = ""
+    chat_id: str = ""
+    event_id: str = ""
+    message_id: str = ""
+    name: str = ""
+    from_me: bool = False
+    timestamp: int = 0
+    response: str = ""
+    extra_guest_count: int = 0
+
+
+@dataclass
+class CallIncomingEvent(Event):
+    """A call is ringing."""
+
+    call_id: str = ""
+    contact_id: str = ""
+    platform: str = ""
+    timestamp: int = 0
+
+
+@dataclass
+class CallTerminatedEvent(Event):
+    """A call ended: `reason` is timeout, hangup, decline or busy."""
+
+    call_id: str = ""
+    contact_id: str = ""
+    reason: str = ""
+    timestamp: int = 0
+
+
+@dataclass
+class OfflineSyncPreviewEvent(Event):
+    """After reconnecting, how much the bridge is about to sync."""
+
+    total: int = 0
+    messages: int = 0
+    notifications: int = 0
+    receipts: int = 0
+    app_data_changes: int = 0
+
+
+@dataclass
+class OfflineSyncCompletedEvent(Event):
+    """The offline sync finished; `count` items were synced."""
+
+    count: int = 0
+
+
+@dataclass
+class ProfilePictureUpdatedEvent(Event):
+    """A profile picture changed (`remove` is True when it was removed)."""
+
+    remove: bool = False
+    picture_id: str = ""
+    timestamp: int = 0
+
+
+@dataclass
+class UnknownEvent(Event):
+    """An event type this version does not know; read its fields from `raw`."""
+
+
+EVENT_CLASSES = {
+    "message": MessageEvent,
+    "connected": ConnectedEvent,
+    "disconnected": DisconnectedEvent,
+    "typing": TypingEvent,
+    "poll_vote": PollVoteEvent,
+    "event_response": EventResponseEvent,
+    "call_incoming": CallIncomingEvent,
+    "call_terminated": CallTerminatedEvent,
+    "offline_sync_preview": OfflineSyncPreviewEvent,
+    "offline_sync_completed": OfflineSyncCompletedEvent,
+    "profile_picture_updated": ProfilePictureUpdatedEvent,
+}
+BASE_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
+EMPTY_VALUES = {str: "", int: 0, bool: False, list: ()}
+
+# The sender's documented sample of each event, used by `send` and the tests.
+SAMPLES = {
+    "message": {"event": "message", "message_id": "ACE41E...", "contact_id": "15550001234@s.whatsapp.net",
+                "phone": "15550001234", "chat_id": "15550001234@s.whatsapp.net", "name": "Alice",
+                "body": "Hello!", "type": "text", "media_type": "", "is_group": False, "from_me": False,
+                "timestamp": 1777180605},
+    "connected": {"event": "connected", "phone": "15550001234"},
+    "disconnected": {"event": "disconnected"},
+    "typing": {"event": "typing", "contact_id": "15550001234@s.whatsapp.net",
+               "chat_id": "15550001234@s.whatsapp.net", "state": "composing", "mode": "text"},
+    "poll_vote": {"event": "poll_vote", "contact_id": "15550001234@s.whatsapp.net", "phone": "15550001234",
+                  "chat_id": "15550001234@s.whatsapp.net", "poll_id": "ACPOLL0001", "message_id": "ACVOTE0001",
+                  "name": "Alice", "from_me": False, "timestamp": 1777330500, "selected_options": ["Red"]},
+    "event_response": {"event": "event_response", "contact_id": "15550001234@s.whatsapp.net",
+                       "phone": "15550001234", "chat_id": "15550009999@g.us", "event_id": "ACEVENT0001",
+                       "message_id": "ACEVRESP0001", "name": "Alice", "from_me": False,
+                       "timestamp": 1777330700, "response": "going", "extra_guest_count": 0},
+    "call_incoming": {"event": "call_incoming", "call_id": "ABCDEF123456",
+                      "contact_id": "15550001234@s.whatsapp.net", "platform": "android",
+                      "timestamp": 1777180605},
+    "call_terminated": {"event": "call_terminated", "call_id": "ABCDEF123456",
+                        "contact_id": "15550001234@s.whatsapp.net", "reason": "hangup",
+                        "timestamp": 1777180720},
+    "offline_sync_preview": {"event": "offline_sync_preview", "total": 142, "messages": 120,
+                             "notifications": 8, "receipts": 14, "app_data_changes": 0},
+    "offline_sync_completed": {"event": "offline_sync_completed", "count": 142},
+    "profile_picture_updated": {"event": "profile_picture_updated", "remove": False,
+                                "picture_id": "12345678901", "timestamp": 1777180605},
+}
+
+
+def coerce_field(value, kind):
+    """`value` as `kind` when the conversion is unambiguous, else `value` unchanged.
+
+    None becomes the kind's empty value; "123" becomes 123 for an int field;
+    "true"/"false" and 0/1 become booleans; numbers become strings for a str
+    field (ids sometimes arrive as numbers). Anything else is kept raw.
+    """
+    if value is None:
+        return list(EMPTY_VALUES[kind]) if kind is list else EMPTY_VALUES[kind]
+    if kind is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+            return bool(value)
+        return value
+    if kind is int:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,30}\s*", value):
+            return int(value)
+        return value
+    return value
+
+
+def event_class(event_type: str):
+    """The dataclass for an event type; UnknownEvent for types this version does not know."""
+    return EVENT_CLASSES.get(event_type, UnknownEvent)
+
+
+def parse_event(raw: dict, bridge: Optional[str] = None, event_id: Optional[int] = None,
+                received_at: float = 0.0) -> Event:
+    """The typed event for a JSON object. Lenient: never raises for a dict with an `event`."""
+    cls = event_class(raw.get("event", ""))
+    values = {}
+    for payload_field in dataclasses.fields(cls):
+        if payload_field.name in BASE_FIELDS:
+            continue
+        values[payload_field.name] = coerce_field(raw.get(payload_field.name), payload_field.type)
+    return cls(event=raw.get("event", ""), bridge=bridge, id=event_id, received_at=received_at,
+               raw=raw, **values)
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def identity_key(raw: dict, bridge: Optional[str]) -> Optional[str]:
+    """The natural identity an event is deduplicated by, or None if it has none.
+
+    message, poll_vote, event_response: (bridge, event, chat_id, message_id);
+    call_incoming, call_terminated: (bridge, event, call_id);
+    profile_picture_updated: (bridge, event, picture_id, remove, timestamp).
+    An event missing the id part of its identity has none: two such events
+    cannot be told apart, so neither is dropped.
+    """
+    kind = raw.get("event")
+    if kind in ("message", "poll_vote", "event_response"):
+        parts = [_text(raw.get("chat_id")), _text(raw.get("message_id"))]
+        required = parts[1]
+    elif kind in ("call_incoming", "call_terminated"):
+        parts = [_text(raw.get("call_id"))]
+        required = parts[0]
+    elif kind == "profile_picture_updated":
+        parts = [_text(raw.get("picture_id")), json.dumps(raw.get("remove")), _text(raw.get("timestamp"))]
+        required = parts[2]
+    else:
+        return None
+    if not required:
+        return None
+    return json.dumps([bridge or "", kind] + parts, separators=(",", ":"))
+
+
+def lane_of(raw: dict, bridge: Optional[str]) -> str:
+    """The ordering lane: events in one lane run one at a time, in arrival order.
+
+    A lane is a chat of a bridge (`chat_id`; for calls, which carry no chat_id,
+    the caller's `contact_id`, which is the chat id of that person's chat).
+    Events with neither (connected, disconnected, offline sync, profile
+    picture) share their bridge's own lane, so their order is kept too.
+    """
+    chat = raw.get("chat_id") or raw.get("contact_id") or ""
+    return json.dumps([bridge or "", chat], separators=(",", ":"))  # ASCII whatever the input
+
+
+# ---------------------------------------------------------------------------
+# 3. Inbox
+# ---------------------------------------------------------------------------
+
+SCHEMA_VERSION = 1
+
+DDL_EVENTS = """
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    bridge      TEXT,
+    event       TEXT NOT NULL,
+    lane        TEXT NOT NULL,
+    body        TEXT NOT NULL,              -- the JSON exactly as received
+    status      TEXT NOT NULL DEFAULT 'pending',  -- pending | done | dead
+    dispatched  INTEGER NOT NULL DEFAULT 0  -- 1 once its deliveries exist
+)"""
+DDL_DELIVERIES = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    event_id        INTEGER NOT NULL,
+    handler         TEXT NOT NULL,          -- the handler's file name
+    lane            TEXT NOT NULL,
+    status          TEXT NOT NULL,          -- pending | running | done | dead
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    lease_owner     TEXT,
+    lease_until     REAL,
+    last_error      TEXT,
+    updated_at      REAL,
+    PRIMARY KEY (event_id, handler)
+)"""
+DDL_DEDUP = """
+CREATE TABLE IF NOT EXISTS dedup (
+    key        TEXT PRIMARY KEY,
+    event_id   INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+)"""
+DDL_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS events_by_status ON events(status, id)",
+    "CREATE INDEX IF NOT EXISTS events_undispatched ON events(id) WHERE dispatched = 0",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_by_lane ON deliveries(lane, status)",
+    "CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup(expires_at)",
+)
+
+# How long a claimed delivery stays ours without renewal; the dispatcher renews
+# every third of it, so only a dead process loses its leases.
+LEASE_SECONDS = 30.0
+FANOUT_BATCH = 500
+
+
+class InboxUnavailable(Exception):
+    """The inbox cannot commit (disk full, locked by another process, unreadable file)."""
+
+
+@dataclass
+class Claim:
+    """An event leased to this process, with the handlers due to run it."""
+
+    event_id: int
+    event_type: str
+    bridge: Optional[str]
+    body: str
+    received_at: float
+    handlers: List[str]
+    attempts: Dict[str, int]  # handler -> this run's attempt number (1 = first)
+
+
+class _PendingCommit:
+    __slots__ = ("args", "done", "result", "error")
+
+    def __init__(self, args):
+        self.args = args
+        self.done = False
+        self.result = None
+        self.error = None
+
+
+class Inbox:
+    """The SQLite file: events, dedup keys and per-handler delivery state.
+
+    All writes of this process go through one connection under one lock, in
+    explicit BEGIN IMMEDIATE transactions. Event commits are grouped: while one
+    thread waits for its fsync, the events that arrive meanwhile are committed
+    together by the next thread to take the lock, so a burst costs one fsync.
+    """
+
+    def __init__(self, path: str, busy_timeout: float = 2.0):
+        self.path = path
+        self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: List[_PendingCommit] = []
+        try:
+            self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a 200 must survive power loss too
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise InboxUnavailable("cannot open the inbox %s: %s" % (path, exc)) from None
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    def _migrate(self):
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise InboxUnavailable("%s was written by a newer wabhook (schema %d)" % (self.path, version))
+            for ddl in (DDL_EVENTS, DDL_DELIVERIES, DDL_DEDUP) + DDL_INDEXES:
+                db.execute(ddl)
+            db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise InboxUnavailable("inbox %s cannot start a write: %s" % (self.path, exc)) from None
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise InboxUnavailable("inbox %s cannot commit: %s" % (self.path, exc)) from None
+                raise
+
+    def _read(self, sql, params=()):
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise InboxUnavailable("inbox %s cannot be read: %s" % (self.path, exc)) from None
+
+    # -- receiving ---------------------------------------------------------
+
+    def commit_event(self, body: str, event_type: str, bridge: Optional[str], lane: str,
+                     dedup_key: Optional[str], dedup_ttl: float) -> Tuple[int, bool]:
+        """Store one event durably; (inbox id, duplicate). Returns only after COMMIT."""
+        pending = _PendingCommit((body, event_type, bridge, lane, dedup_key, dedup_ttl))
+        with self._queue_lock:
+            self._queue.append(pending)
+        with self._lock:
+            if not pending.done:  # nobody committed it for us while we waited
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit_batch(batch)
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _commit_batch(self, batch: List[_PendingCommit]):
+        # Called with self._lock held.
+        now = time.time()
+        results = []
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for pending in batch:
+                    results.append(self._insert_event(now, *pending.args))
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            error = InboxUnavailable("inbox %s cannot commit: %s" % (self.path, exc))
+            for pending in batch:
+                pending.error, pending.done = error, True
+            return
+        for pending, result in zip(batch, results):
+            pending.result, pending.done = result, True
+
+    def _insert_event(self, now, body, event_type, bridge, lane, dedup_key, dedup_ttl):
+        if dedup_key is not None:
+            row = self._db.execute("SELECT event_id, expires_at FROM dedup WHERE key = ?",
+                                   (dedup_key,)).fetchone()
+            if row is not None and row[1] > now:
+                return row[0], True
+        cursor = self._db.execute(
+            "INSERT INTO events (received_at, bridge, event, lane, body) VALUES (?, ?, ?, ?, ?)",
+            (now, bridge, event_type, lane, body))
+        event_id = cursor.lastrowid
+        if dedup_key is not None:
+            self._db.execute("INSERT OR REPLACE INTO dedup (key, event_id, expires_at) VALUES (?, ?, ?)",
+                             (dedup_key, event_id, now + dedup_ttl))
+        return event_id, False
+
+    # -- dispatching -------------------------------------------------------
+
+    def claim_due(self, owner: str, limit: int, handlers_for: Callable[[str], List[str]],
+                  now: Optional[float] = None) -> List[Claim]:
+        """Lease up to `limit` events, the oldest due one of each idle lane.
+
+        New events are first fanned out to the handlers present now. A lane with
+        a running delivery (in any process sharing the file) is skipped, which
+        is what keeps one chat's events in order.
+        """
+        now = time.time() if now is None else now
+        claims = []
+        with self._transaction() as db:
+            self._fan_out(db, handlers_for, now)
+            if limit <= 0:
+                return claims
+            lanes = db.execute(
+                "SELECT lane, MIN(event_id) FROM deliveries"
+                " WHERE status = 'pending' AND next_attempt_at <= ?"
+                " AND lane NOT IN (SELECT lane FROM deliveries WHERE status = 'running')"
+                " GROUP BY lane ORDER BY 2 LIMIT ?", (now, limit)).fetchall()
+            for _lane, event_id in lanes:
+                attempts = {handler: count + 1 for handler, count in db.execute(
+                    "SELECT handler, attempts FROM deliveries WHERE event_id = ? AND status = 'pending'"
+                    " AND next_attempt_at <= ?", (event_id, now))}
+                db.execute(
+                    "UPDATE deliveries SET status = 'running', attempts = attempts + 1,"
+                    " lease_owner = ?, lease_until = ?, updated_at = ?"
+                    " WHERE event_id = ? AND status = 'pending' AND next_attempt_at <= ?",
+                    (owner, now + LEASE_SECONDS, now, event_id, now))
+                event_type, bridge, body, received_at = db.execute(
+                    "SELECT event, bridge, body, received_at FROM events WHERE id = ?", (event_id,)).fetchone()
+                claims.append(Claim(event_id, event_type, bridge, body, received_at, sorted(attempts), attempts))
+        return claims
+
+    def _fan_out(self, db, handlers_for, now):
+        rows = db.execute("SELECT id, event, lane FROM events WHERE dispatched = 0 ORDER BY id LIMIT ?",
+                          (FANOUT_BATCH,)).fetchall()
+        for event_id, event_type, lane in rows:
+            names = handlers_for(event_type)
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries (event_id, handler, lane, status, next_attempt_at, updated_at)"
+                " VALUES (?, ?, ?, 'pending', 0, ?)", [(event_id, name, lane, now) for name in names])
+            db.execute("UPDATE events SET dispatched = 1, status = ? WHERE id = ?",
+                       ("pending" if names else "done", event_id))
+        return len(rows)
+
+    def has_undispatched(self) -> bool:
+        return bool(self._read("SELECT 1 FROM events WHERE dispatched = 0 LIMIT 1"))
+
+    def record_outcome(self, event_id: int, handler: str, owner: str, status: str,
+                       error: Optional[str] = None, retry_at: float = 0.0) -> bool:
+        """Store how one run ended: status done, pending (retry at `retry_at`) or dead.
+
+        Only a delivery this owner still holds is updated, so a run that
+        outlived its lease (or a shutdown) cannot overwrite a newer state.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE deliveries SET status = ?, next_attempt_at = ?, last_error = ?,"
+                " lease_owner = NULL, lease_until = NULL, updated_at = ?"
+                " WHERE event_id = ? AND handler = ? AND status = 'running' AND lease_owner = ?",
+                (status, retry_at, error, now, event_id, handler, owner))
+            if cursor.rowcount:
+                self._settle_event(db, event_id)
+            return bool(cursor.rowcount)
+
+    @staticmethod
+    def _settle_event(db, event_id):
+        """Set the event's summary status from its deliveries."""
+        statuses = {row[0] for row in db.execute(
+            "SELECT DISTINCT status FROM deliveries WHERE event_id = ?", (event_id,))}
+        if statuses & {"pending", "running"}:
+            status = "pending"
+        else:
+            status = "dead" if "dead" in statuses else "done"
+        db.execute("UPDATE events SET status = ? WHERE id = ?", (status, event_id))
+
+    def renew_leases(self, owner: str, now: Optional[float] = None) -> None:
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute("UPDATE deliveries SET lease_until = ? WHERE status = 'running' AND lease_owner = ?",
+                       (now + LEASE_SECONDS, owner))
+
+    def release_leases(self, owner: str, event_id: Optional[int] = None,
+                       handlers: Optional[List[str]] = None) -> int:
+        """Give back running deliveries without counting the attempt (shutdown, abandoned run)."""
+        sql = ("UPDATE deliveries SET status = 'pending', attempts = MAX(attempts - 1, 0),"
+               " lease_owner = NULL, lease_until = NULL, next_attempt_at = 0"
+               " WHERE status = 'running' AND lease_owner = ?")
+        params: list = [owner]
+        if event_id is not None:
+            sql += " AND event_id = ? AND handler IN (%s)" % ",".join("?" * len(handlers or []))
+            params += [event_id] + list(handlers or [])
+        with self._transaction() as db:
+            return db.execute(sql, params).rowcount
+
+    def recover_leases(self, max_attempts: int, owner_is_dead: Callable[[str], bool],
+                       now: Optional[float] = None) -> int:
+        """Take back deliveries whose owner died: its lease ran out, or its process is gone.
+
+        The killed run counted as an attempt, so a handler that kills its
+        process every time still ends in the dead letters.
+        """
+        now = time.time() if now is None else now
+        recovered = 0
+        with self._transaction() as db:
+            rows = db.execute("SELECT event_id, handler, attempts, lease_owner, lease_until FROM deliveries"
+                              " WHERE status = 'running'").fetchall()
+            for event_id, handler, attempts, owner, lease_until in rows:
+                if (lease_until or 0) > now and not owner_is_dead(owner or ""):
+                    continue
+                error = "the process running this handler stopped during the run (%s)" % owner
+                status = "dead" if attempts >= max_attempts else "pending"
+                db.execute("UPDATE deliveries SET status = ?, next_attempt_at = ?, last_error = ?,"
+                           " lease_owner = NULL, lease_until = NULL, updated_at = ?"
+                           " WHERE event_id = ? AND handler = ?",
+                           (status, now, error, now, event_id, handler))
+                self._settle_event(db, event_id)
+                recovered += 1
+        return recovered
+
+    def next_retry_at(self) -> Optional[float]:
+        """When the next delivery waiting for a retry becomes due (None: none waits)."""
+        row = self._read("SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'"
+                         " AND next_attempt_at > ?", (time.time(),))
+        return row[0][0] if row else None
+
+    # -- operating ---------------------------------------------------------
+
+    def replay(self, event_ids: List[int]) -> List[int]:
+        """Queue events again: their dead deliveries, or, if none, every handler anew."""
+        replayed = []
+        with self._transaction() as db:
+            for event_id in event_ids:
+                if db.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone() is None:
+                    continue
+                revived = db.execute(
+                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = 0,"
+                    " last_error = NULL WHERE event_id = ? AND status = 'dead'", (event_id,)).rowcount
+                if not revived:
+                    db.execute("DELETE FROM deliveries WHERE event_id = ? AND status != 'running'", (event_id,))
+                    db.execute("UPDATE events SET dispatched = 0 WHERE id = ?", (event_id,))
+                db.execute("UPDATE events SET status = 'pending' WHERE id = ?", (event_id,))
+                replayed.append(event_id)
+        return replayed
+
+    def dead_event_ids(self, after: int = 0, limit: int = 500) -> List[int]:
+        return [row[0] for row in self._read(
+            "SELECT id FROM events WHERE status = 'dead' AND id > ? ORDER BY id LIMIT ?", (after, limit))]
+
+    def prune(self, retention: float, now: Optional[float] = None, batch: int = 1000) -> int:
+        """Delete expired dedup keys and delivered events older than `retention`. Dead ones stay."""
+        now = time.time() if now is None else now
+        removed = 0
+        while True:
+            with self._transaction() as db:
+                db.execute("DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE expires_at <= ? LIMIT ?)",
+                           (now, batch))
+                ids = [row[0] for row in db.execute(
+                    "SELECT id FROM events WHERE status = 'done' AND received_at < ? ORDER BY id LIMIT ?",
+                    (now - retention, batch))]
+                marks = ",".join("?" * len(ids))
+                if ids:
+                    db.execute("DELETE FROM deliveries WHERE event_id IN (%s)" % marks, ids)
+                    db.execute("DELETE FROM events WHERE id IN (%s)" % marks, ids)
+            removed += len(ids)
+            if len(ids) < batch:
+                return removed
+
+    def counts(self, statuses=("pending", "done", "dead")) -> Dict[str, int]:
+        """How many events have each summary status (one indexed count per status)."""
+        return {status: self._read("SELECT COUNT(*) FROM events WHERE status = ?", (status,))[0][0]
+                for status in statuses}
+
+    def check_writable(self) -> None:
+        """Raise InboxUnavailable unless a write transaction can start now."""
+        with self._transaction():
+            pass
+
+    def list_events(self, status: Optional[str] = None, limit: int = 20) -> List[dict]:
+        """The newest events (optionally of one status), each with its deliveries."""
+        if status:
+            rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events"
+                              " WHERE status = ? ORDER BY id DESC LIMIT ?", (status, limit))
+        else:
+            rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events"
+                              " ORDER BY id DESC LIMIT ?", (limit,))
+        events = []
+        for event_id, received_at, bridge, event_type, event_status, body in rows:
+            deliveries = [
+                {"handler": handler, "status": d_status, "attempts": attempts, "last_error": error}
+                for handler, d_status, attempts, error in self._read(
+                    "SELECT handler, status, attempts, last_error FROM deliveries WHERE event_id = ?"
+                    " ORDER BY handler", (event_id,))]
+            events.append({"id": event_id, "received_at": received_at, "bridge": bridge,
+                           "event": event_type, "status": event_status, "body": body,
+                           "deliveries": deliveries})
+        return events
+
+    def stats(self) -> dict:
+        """Counts for `stats` and /metrics: events by status and type, deliveries by handler."""
+        by_type = {event_type: count for event_type, count in self._read(
+            "SELECT event, COUNT(*) FROM events GROUP BY event ORDER BY event")}
+        by_handler: Dict[str, Dict[str, int]] = {}
+        for handler, status, count in self._read(
+                "SELECT handler, status, COUNT(*) FROM deliveries GROUP BY handler, status ORDER BY handler"):
+            by_handler.setdefault(handler, {})[status] = count
+        oldest = self._read("SELECT MIN(received_at) FROM events WHERE status = 'pending'")[0][0]
+        return {"events": self.counts(), "by_type": by_type, "deliveries_by_handler": by_handler,
+                "oldest_pending_age_seconds": round(time.time() - oldest, 3) if oldest else 0}
+
+
+# ---------------------------------------------------------------------------
+# 4. Handlers
+# ---------------------------------------------------------------------------
+
+# An editor's save or a `git pull` can leave a handler briefly missing, empty
+# or half-written. A file is trusted as gone or broken only after this long.
+SETTLE_SECONDS = 1.0
+RESCAN_SECONDS = 0.25       # how stale the folder listing may be
+OUTPUT_CAP = 64 * 1024      # bytes of a script's output kept for the log
+OUTPUT_CHUNK = 16 * 1024
+
+
+class HandlerLoadError(Exception):
+    """A Python handler cannot be imported or has no handle(event)."""
+
+
+class HandlerFailed(Exception):
+    """A handler run failed: the message says how (exit status, timeout)."""
+
+
+class HandlerGone(Exception):
+    """The handler's file was removed after the event was dispatched to it."""
+
+
+def handler_event(filename: str) -> str:
+    """The event a handler file is for: 'message.alerts.py' -> 'message'."""
+    return filename.split(".", 1)[0]
+
+
+def is_candidate(filename: str) -> bool:
+    return not filename.startswith(("_", "."))
+
+
+def _signature(path: str):
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
+
+
+def _is_executable(mode: int) -> bool:
+    return bool(mode & 0o111)
+
+
+class PythonHandler:
+    """A `<event>[.<label>].py` file defining handle(event); runs in a worker thread."""
+
+    kind = "python"
+
+    def __init__(self, name: str, path: str, signature, module: types.ModuleType):
+        self.name, self.path, self.signature, self.module = name, path, signature, module
+
+    @classmethod
+    def load(cls, name: str, path: str) -> "PythonHandler":
+        source, signature = _read_settled(path)
+        module_name = "wabhook_handler_" + re.sub(r"\W", "_", name[:-3])
+        module = types.ModuleType(module_name)
+        module.__file__ = path
+        try:
+            code = compile(source, path, "exec")
+            exec(code, module.__dict__)
+        except BaseException:
+            raise HandlerLoadError("cannot load handler %s:\n%s" % (name, traceback.format_exc())) from None
+        if not callable(getattr(module, "handle", None)):
+            raise HandlerLoadError("handler %s defines no handle(event) function" % name)
+        return cls(name, path, signature, module)
+
+    def run(self, event: Event, body: str, log: logging.Logger) -> None:
+        self.module.handle(event)
+
+
+class ScriptHandler:
+    """An executable `<event>[.<label>][.ext]` file: event JSON on stdin, exit 0 is success."""
+
+    kind = "script"
+
+    def __init__(self, name: str, path: str, signature, timeout: float, processes: set):
+        self.name, self.path, self.signature, self.timeout = name, path, signature, timeout
+        self.processes = processes
+
+    def run(self, event: Event, body: str, log: logging.Logger) -> None:
+        env = dict(os.environ, WABHOOK_EVENT=event.event, WABHOOK_ID=str(event.id),
+                   WABHOOK_BRIDGE=event.bridge or "")
+        # No shell: the path is ours, the payload goes through stdin only.
+        process = subprocess.Popen([self.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, cwd=os.path.dirname(self.path),
+                                   env=env, start_new_session=True)
+        self.processes.add(process)
+        output = _OutputReader(process.stdout)
+        feeder = threading.Thread(target=_feed_stdin, args=(process.stdin, body.encode("utf-8")), daemon=True)
+        feeder.start()
+        timed_out = False
+        try:
+            process.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            # The group goes too: a script's children must not outlive the run
+            # (they would also hold its output pipe open).
+            _kill_group(process.pid)
+            process.wait()
+            self.processes.discard(process)
+            output.join(timeout=5)
+        text = output.text()
+        if text:
+            for line in text.splitlines():
+                log.info("%s | %s", self.name, line, extra={"handler": self.name, "event_id": event.id})
+            if output.dropped:
+                log.warning("%s printed %d more bytes (not logged)", self.name, output.dropped,
+                            extra={"handler": self.name, "event_id": event.id})
+        if timed_out:
+            raise HandlerFailed("timed out after %gs; its process group was killed" % self.timeout)
+        if process.returncode != 0:
+            tail = text.strip().splitlines()[-1:] if text.strip() else []
+            raise HandlerFailed("exit status %d%s" % (process.returncode, (": " + tail[0][:500]) if tail else ""))
+
+
+def _feed_stdin(pipe, data: bytes):
+    try:
+        pipe.write(data)
+    except (BrokenPipeError, OSError):
+        pass  # the script did not read all of it; its exit status tells
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()
+
+
+def _kill_group(pgid: int):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+class _OutputReader(threading.Thread):
+    """Reads a pipe to the end in bounded chunks, keeping the first OUTPUT_CAP bytes."""
+
+    def __init__(self, pipe):
+        super().__init__(daemon=True)
+        self.pipe, self.kept, self.dropped = pipe, bytearray(), 0
+        self.start()
+
+    def run(self):
+        with self.pipe:
+            while True:
+                chunk = self.pipe.read1(OUTPUT_CHUNK) if hasattr(self.pipe, "read1") else self.pipe.read(OUTPUT_CHUNK)
+                if not chunk:
+                    return
+                room = OUTPUT_CAP - len(self.kept)
+                self.kept += chunk[:max(room, 0)]
+                self.dropped += max(len(chunk) - max(room, 0), 0)
+
+    def text(self) -> str:
+        return bytes(self.kept).decode("utf-8", "replace")
+
+
+def _read_settled(path: str) -> Tuple[str, tuple]:
+    """The source of a Python handler, waiting out a save in progress.
+
+    A file that is empty, does not compile, or changes while being read, and
+    was modified within SETTLE_SECONDS, is read again until it settles.
+    """
+    deadline = time.monotonic() + SETTLE_SECONDS * 2
+    while True:
+        signature = _signature(path)
+        with open(path, "rb") as handle:
+            data = handle.read()
+        unsettled = _signature(path) != signature
+        if not unsettled:
+            recent = time.time() - signature[0] / 1e9 < SETTLE_SECONDS
+            if recent:
+                try:
+                    unsettled = not data.strip() or not compile(data, path, "exec")
+                except (SyntaxError, ValueError):
+                    unsettled = True
+        if not unsettled or time.monotonic() > deadline:
+            return data.decode("utf-8", "replace"), signature
+        time.sleep(0.05)
+
+
+def make_importable(folder: str) -> None:
+    """Put the handlers folder on sys.path, so handlers can `import _common`."""
+    folder = os.path.abspath(folder)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+class Registry:
+    """The handlers folder: which handlers exist, loading and reloading them.
+
+    The folder is listed again at most every RESCAN_SECONDS; a handler is
+    reloaded when its file changes (mtime, size or inode: in-place writes and
+    write-and-rename saves both show) and forgotten once it has been gone for
+    SETTLE_SECONDS. Python helpers (`_*.py`) are re-imported when they change.
+    """
+
+    def __init__(self, folder: str, script_timeout: float):
+        self.folder = os.path.abspath(folder)
+        self.script_timeout = script_timeout
+        self._lock = threading.RLock()
+        self._listed_at = 0.0
+        self._files: Dict[str, tuple] = {}       # name -> signature, as last listed
+        self._last_seen: Dict[str, float] = {}   # name -> when it was last listed
+        self._loaded: Dict[str, object] = {}     # name -> PythonHandler | ScriptHandler
+        self._helpers: Dict[str, tuple] = {}     # _helper.py -> signature
+        self.processes: set = set()              # running script processes, killed at shutdown
+        make_importable(self.folder)
+
+    def _list(self, force: bool = False):
+        now = time.monotonic()
+        if not force and now - self._listed_at < RESCAN_SECONDS:
+            return
+        self._listed_at = now
+        files, helpers = {}, {}
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            names = []
+        for name in names:
+            path = os.path.join(self.folder, name)
+            try:
+                signature = _signature(path)
+            except OSError:
+                continue
+            if not (signature[3] & 0o170000 == 0o100000):  # regular files only
+                continue
+            if name.startswith("_") and name.endswith(".py"):
+                helpers[name] = signature
+            elif is_candidate(name) and (name.endswith(".py") or _is_executable(signature[3])):
+                files[name] = signature
+                self._last_seen[name] = now
+        if helpers != self._helpers:
+            self._forget_helpers()
+            self._helpers = helpers
+        self._files = files
+
+    def _forget_helpers(self):
+        """Drop imported helper modules of the folder, so handlers re-import the new code."""
+        for module_name, module in list(sys.modules.items()):
+            module_file = getattr(module, "__file__", None) or ""
+            if module_file and os.path.dirname(os.path.abspath(module_file)) == self.folder:
+                del sys.modules[module_name]
+        self._loaded = {name: h for name, h in self._loaded.items() if h.kind != "python"}
+
+    def names(self) -> List[str]:
+        """Every handler present now (or gone for less than SETTLE_SECONDS), sorted."""
+        with self._lock:
+            self._list()
+            now = time.monotonic()
+            present = set(self._files)
+            present |= {name for name, seen in self._last_seen.items() if now - seen < SETTLE_SECONDS}
+            return sorted(present)
+
+    def handlers_for(self, event_type: str) -> List[str]:
+        """Names of the handlers an event of this type goes to: its own, then `all*`."""
+        names = self.names()
+        own = [n for n in names if handler_event(n) == event_type]
+        return own + [n for n in names if handler_event(n) == ALL_EVENTS and n not in own]
+
+    def get(self, name: str):
+        """The loaded handler, (re)loaded if its file changed; HandlerGone if it stays gone."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            with self._lock:
+                self._list(force=True)
+                signature = self._files.get(name)
+                if signature is not None:
+                    cached = self._loaded.get(name)
+                    if cached is not None and cached.signature == signature:
+                        return cached
+                    path = os.path.join(self.folder, name)
+                    if name.endswith(".py"):
+                        handler = PythonHandler.load(name, path)
+                    else:
+                        handler = ScriptHandler(name, path, signature, self.script_timeout, self.processes)
+                    self._loaded[name] = handler
+                    return handler
+            if time.monotonic() > deadline:
+                raise HandlerGone("handler file %s was removed" % name)
+            time.sleep(0.05)
+
+    def kill_running(self) -> None:
+        """Kill the process group of every script still running (shutdown)."""
+        for process in list(self.processes):
+            _kill_group(process.pid)
+
+
+Problem = namedtuple("Problem", "file message")
+
+
+def check_handlers(folder: str) -> Tuple[List[str], List[Problem]]:
+    """Load every handler in `folder`: (handler names that are fine, problems found)."""
+    problems: List[Problem] = []
+    good: List[str] = []
+    if not os.path.isdir(folder):
+        return good, [Problem(folder, "the handlers folder does not exist (create it, or pass --handlers DIR)")]
+    known = set(EVENT_TYPES) | {ALL_EVENTS}
+    make_importable(folder)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not is_candidate(name) or not os.path.isfile(path):
+            continue
+        is_python = name.endswith(".py")
+        executable = _is_executable(os.stat(path).st_mode)
+        prefix = handler_event(name)
+        if not is_python and not executable:
+            if prefix in known:
+                problems.append(Problem(name, "is not executable: chmod +x %s (or name it .py with handle(event))"
+                                        % name))
+            continue  # a README or note, not a handler
+        if prefix not in known:
+            close = difflib.get_close_matches(prefix, sorted(known), n=1)
+            hint = "; did you mean %s?" % close[0] if close else ""
+            problems.append(Problem(name, "%r matches no known event%s" % (prefix, hint)))
+            continue
+        if is_python:
+            try:
+                PythonHandler.load(name, path)
+            except HandlerLoadError as exc:
+                problems.append(Problem(name, str(exc).rstrip()))
+                continue
+        good.append(name)
+    return good, problems
+
+
+# ---------------------------------------------------------------------------
+# 5. Dispatch
+# ---------------------------------------------------------------------------
+
+RETRY_DELAY_CAP = 3600.0
+IDLE_POLL_SECONDS = 1.0     # other processes (the CLI's replay, a second server) are seen this fast
+PRUNE_EVERY_SECONDS = 600.0
+
+
+def retry_delay(attempt: int, base: float, cap: float = RETRY_DELAY_CAP,
+                rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1 = the first run).
+
+    Exponential: base, 2*base, 4*base ... capped at `cap`, then spread by
+    +/-25% jitter so handlers failing together do not retry in lockstep.
+    """
+    delay = min(cap, base * (2.0 ** max(attempt - 1, 0)))
+    return delay * (0.75 + 0.5 * rand())
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True when a lease owner ("host:pid:nonce") is a process of this host that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # ourselves: leases are renewed while we live
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class _Run:
+    """What one worker thread is running now; the watchdog may abandon it."""
+
+    __slots__ = ("claim", "handler", "kind", "started", "abandoned")
+
+    def __init__(self, claim: Claim, handler: str):
+        self.claim, self.handler, self.kind = claim, handler, None
+        self.started, self.abandoned = time.monotonic(), False
+
+
+class Dispatcher:
+    """Claims due events from the inbox and runs their handlers in a pool of threads.
+
+    One loop thread claims (a lease in the inbox, at most one event per idle
+    lane) as long as workers are free, and renews leases, recovers those of
+    dead processes, and prunes. Worker threads run the handlers of a claim one
+    after another and record each outcome as soon as it is known.
+    """
+
+    def __init__(self, config: Config, inbox: Inbox, registry: Registry, metrics: "Metrics",
+                 log: logging.Logger):
+        self.config, self.inbox, self.registry, self.metrics, self.log = config, inbox, registry, metrics, log
+        self.owner = "%s:%d:%s" % (socket.gethostname(), os.getpid(), secrets.token_hex(4))
+        self._tasks: "queue.Queue[Optional[Claim]]" = queue.Queue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = 0
+        self._runs: Dict[int, _Run] = {}
+        self._next_worker = 0
+        self._loop_thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        recovered = self.inbox.recover_leases(self.config.retries, _owner_is_dead)
+        if recovered:
+            self.log.warning("took back %d deliveries left running by a stopped process", recovered)
+        for _ in range(self.config.workers):
+            self._start_worker()
+        self._loop_thread = threading.Thread(target=self._loop, name="wabhook-dispatch", daemon=True)
+        self._loop_thread.start()
+
+    def wake(self) -> None:
+        """Tell the loop there may be something to claim (a new event, a free worker)."""
+        self._wake.set()
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def _start_worker(self) -> None:
+        worker_id = self._next_worker
+        self._next_worker += 1
+        threading.Thread(target=self._work, args=(worker_id,), name="wabhook-worker-%d" % worker_id,
+                         daemon=True).start()
+
+    # -- the loop ----------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_upkeep, last_prune, failing = 0.0, time.monotonic(), False
+        while not self._stopping.is_set():
+            self._wake.clear()
+            now = time.monotonic()
+            try:
+                if now - last_upkeep >= LEASE_SECONDS / 3:
+                    last_upkeep = now
+                    self.inbox.renew_leases(self.owner)
+                    self.inbox.recover_leases(self.config.retries, _owner_is_dead)
+                if now - last_prune >= PRUNE_EVERY_SECONDS:
+                    last_prune = now
+                    pruned = self.inbox.prune(self.config.retention)
+                    if pruned:
+                        self.log.info("pruned %d delivered events older than the retention", pruned)
+                self._abandon_overdue_runs()
+                claims = self.inbox.claim_due(self.owner, self.config.workers - self._busy,
+                                              self.registry.handlers_for)
+                wait = self._idle_wait(claims)
+                if failing:
+                    self.log.info("the inbox is writable again; dispatching resumes")
+                failing = False
+            except InboxUnavailable as exc:
+                if not failing:
+                    self.log.error("cannot dispatch: %s (retrying every second)", exc)
+                failing, claims, wait = True, [], IDLE_POLL_SECONDS
+            for claim in claims:
+                with self._idle:
+                    self._busy += 1
+                self._tasks.put(claim)
+            self._wake.wait(wait)
+
+    def _idle_wait(self, claims: List[Claim]) -> float:
+        """How long the loop may sleep when nothing wakes it (a finishing worker, a new event)."""
+        if self._busy >= self.config.workers:
+            return IDLE_POLL_SECONDS
+        if claims or self.inbox.has_undispatched():
+            return 0.0  # there may be more to claim right away
+        due = self.inbox.next_retry_at()
+        if due is None:
+            return IDLE_POLL_SECONDS
+        return min(IDLE_POLL_SECONDS, max(0.0, due - time.time()))
+
+    def _abandon_overdue_runs(self) -> None:
+        """A Python handler past --script-timeout cannot be killed: fail the run and replace its worker."""
+        limit = self.config.script_timeout
+        overdue = []
+        with self._idle:
+            for worker_id, run in list(self._runs.items()):
+                if run.kind == "python" and not run.abandoned and time.monotonic() - run.started > limit:
+                    run.abandoned = True
+                    del self._runs[worker_id]
+                    self._busy -= 1
+                    overdue.append(run)
+        for run in overdue:
+            self.log.error("handler %s is still running event %d after %gs; its result will be ignored"
+                           " and its thread left to finish", run.handler, run.claim.event_id, limit,
+                           extra={"handler": run.handler, "event_id": run.claim.event_id})
+            self._record(run.claim, run.handler, "failed",
+                         "timed out after %gs (Python handlers cannot be killed; the run was abandoned)" % limit,
+                         limit)
+            rest = run.claim.handlers[run.claim.handlers.index(run.handler) + 1:]
+            if rest:
+                self.inbox.release_leases(self.owner, run.claim.event_id, rest)
+            self._start_worker()
+
+    # -- the workers -------------------------------------------------------
+
+    def _work(self, worker_id: int) -> None:
+        while True:
+            claim = self._tasks.get()
+            if claim is None:
+                return
+            if self._run_claim(worker_id, claim):
+                return  # abandoned by the watchdog: a replacement took our place
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+            self._wake.set()
+
+    def _run_claim(self, worker_id: int, claim: Claim) -> bool:
+        """Run every handler of a claim in turn; True if the watchdog abandoned this thread."""
+        for index, handler_name in enumerate(claim.handlers):
+            if self._stopping.is_set():
+                self.inbox.release_leases(self.owner, claim.event_id, claim.handlers[index:])
+                return False
+            run = _Run(claim, handler_name)
+            with self._idle:
+                self._runs[worker_id] = run
+            outcome, error, duration = self._run_handler(run)
+            with self._idle:
+                if run.abandoned:
+                    return True
+                self._runs.pop(worker_id, None)
+            self._record(claim, handler_name, outcome, error, duration)
+        return False
+
+    def _run_handler(self, run: _Run) -> Tuple[str, Optional[str], float]:
+        """(outcome, error, seconds): outcome is ok, failed or skipped."""
+        started = time.monotonic()
+        claim = run.claim
+        try:
+            handler = self.registry.get(run.handler)
+            run.kind = handler.kind
+            event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id, claim.received_at)
+            handler.run(event, claim.body, self.log)
+            return "ok", None, time.monotonic() - started
+        except HandlerGone as exc:
+            return "skipped", str(exc), time.monotonic() - started
+        except (HandlerFailed, HandlerLoadError) as exc:
+            return "failed", str(exc), time.monotonic() - started
+        except BaseException:  # a handler's exception, even SystemExit, is a failed run
+            return "failed", traceback.format_exc(), time.monotonic() - started
+
+    def _record(self, claim: Claim, handler: str, outcome: str, error: Optional[str], duration: float) -> None:
+        attempt = claim.attempts.get(handler, 1)
+        extra = {"handler": handler, "event_id": claim.event_id}
+        self.metrics.handler_run(handler, outcome, duration)
+        if outcome == "ok":
+            status, retry_at = "done", 0.0
+            self.log.debug("handler %s handled event %d in %.3fs", handler, claim.event_id, duration, extra=extra)
+        elif outcome == "skipped":
+            status, retry_at = "done", 0.0
+            self.log.warning("handler %s skipped event %d: %s", handler, claim.event_id, error, extra=extra)
+        elif attempt >= self.config.retries:
+            status, retry_at = "dead", 0.0
+            self.log.error("handler %s failed event %d (attempt %d of %d), dead-lettered;"
+                           " replay it with `wabhook.py replay %d`:\n%s", handler, claim.event_id, attempt,
+                           self.config.retries, claim.event_id, error, extra=extra)
+        else:
+            delay = retry_delay(attempt, self.config.retry_delay)
+            status, retry_at = "pending", time.time() + delay
+            self.log.warning("handler %s failed event %d (attempt %d of %d), next try in %.1fs:\n%s",
+                             handler, claim.event_id, attempt, self.config.retries, delay, error, extra=extra)
+        try:
+            self.inbox.record_outcome(claim.event_id, handler, self.owner, status, error, retry_at)
+        except InboxUnavailable as exc:
+            # The lease runs out and the delivery is run again: at least once, never lost.
+            self.log.error("cannot record that handler %s %s event %d: %s", handler,
+                           "handled" if outcome == "ok" else "failed", claim.event_id, exc, extra=extra)
+
+    # -- shutdown ----------------------------------------------------------
+
+    def stop(self, timeout: float) -> bool:
+        """Stop claiming, let running handlers finish within `timeout`, give back the rest.
+
+        True if every running handler finished in time.
+        """
+        self._stopping.set()
+        self._wake.set()
+        if self._loop_thread is not None:
+            self._loop_thread.join()
+        while True:  # claims queued but not started go back untouched
+            try:
+                claim = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if claim is not None:
+                with contextlib.suppress(InboxUnavailable):
+                    self.inbox.release_leases(self.owner, claim.event_id, claim.handlers)
+                with self._idle:
+                    self._busy -= 1
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._busy > 0 and time.monotonic() < deadline:
+                self._idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            finished = self._busy <= 0
+        if not finished:
+            self.log.warning("%d handler runs did not finish within %gs; they go back to the inbox",
+                             self._busy, timeout)
+            with contextlib.suppress(InboxUnavailable):
+                self.inbox.release_leases(self.owner)
+            self.registry.kill_running()
+        for _ in range(self._next_worker):
+            self._tasks.put(None)
+        return finished
+
+
+# ---------------------------------------------------------------------------
+# 6. HTTP front
+# ---------------------------------------------------------------------------
+
+SIGNATURE_TOLERANCE = 300   # seconds a Standard Webhooks timestamp may be off
+CHUNK_LINE_LIMIT = 1024
+READ_CHUNK = 64 * 1024
+
+
+class HTTPError(Exception):
+    """A refused request: its status, a stable error code, and a message safe to show."""
+
+    status = 500
+
+    def __init__(self, code: str, message: str, close: bool = False, headers: Tuple = ()):
+        super().__init__(message)
+        self.code, self.message, self.close, self.headers = code, message, close, headers
+
+
+class BadRequest(HTTPError):
+    status = 400
+
+
+class Unauthorized(HTTPError):
+    status = 401
+
+
+class NotFound(HTTPError):
+    status = 404
+
+
+class MethodNotAllowed(HTTPError):
+    status = 405
+
+
+class RequestTimeout(HTTPError):
+    status = 408
+
+
+class LengthRequired(HTTPError):
+    status = 411
+
+
+class PayloadTooLarge(HTTPError):
+    status = 413
+
+
+class ServiceUnavailable(HTTPError):
+    status = 503
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Request text made safe for one log line (no control characters, bounded)."""
+    return ascii(text[:limit])[1:-1]
+
+
+def presented_tokens(query: str, headers) -> List[str]:
+    """Every token a request offers: ?token=, a Bearer token, a Basic-auth password."""
+    tokens = urllib.parse.parse_qs(query, keep_blank_values=True).get("token", [])
+    authorization = headers.get("Authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        tokens.append(credentials.strip())
+    elif scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+            tokens.append(decoded.partition(":")[2])
+        except (binascii.Error, ValueError):
+            pass
+    return tokens
+
+
+def token_matches(expected: str, tokens: List[str]) -> bool:
+    """Constant-time comparison of each presented token with the expected one."""
+    wanted = expected.encode("utf-8")
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(token.encode("utf-8", "surrogateescape"), wanted)
+    return matched
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: base64 after the `whsec_` prefix."""
+    encoded = secret[len("whsec_"):] if secret.startswith("whsec_") else secret
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError("--secret must be base64 (a whsec_... secret from the sender)") from None
+
+
+def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = None) -> None:
+    """Check a Standard Webhooks signature; raise Unauthorized unless one v1 signature matches."""
+    message_id = headers.get("webhook-id", "")
+    timestamp = headers.get("webhook-timestamp", "")
+    signatures = headers.get("webhook-signature", "")
+    if not (message_id and timestamp and signatures):
+        raise Unauthorized("missing_signature", "webhook-id, webhook-timestamp and webhook-signature are required",
+                           close=False)
+    if not timestamp.isdigit():
+        raise Unauthorized("bad_signature", "webhook-timestamp is not a Unix time")
+    now = time.time() if now is None else now
+    if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
+        raise Unauthorized("stale_signature", "webhook-timestamp is more than 5 minutes off")
+    signed = ("%s.%s." % (message_id, timestamp)).encode("utf-8", "surrogateescape") + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest())
+    matched = False
+    for part in signatures.split():
+        version, _, signature = part.partition(",")
+        if version == "v1":
+            matched |= hmac.compare_digest(signature.encode("utf-8", "surrogateescape"), expected)
+    if not matched:
+        raise Unauthorized("bad_signature", "no webhook-signature matches the body")
+
+
+def parse_body(body: bytes) -> Tuple[str, dict]:
+    """(the body as text to store, the JSON object) or BadRequest. Content-Type is ignored."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise BadRequest("bad_json", "the body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("not_an_object", "the body must be a JSON object")
+    event_type = payload.get("event")
+    if not isinstance(event_type, str) or not event_type.strip():
+        raise BadRequest("missing_event", "the body needs an \"event\" member that is a non-empty string")
+    try:
+        event_type.encode("utf-8")
+        text = body.decode("utf-8")
+    except UnicodeError:
+        try:
+            text = json.dumps(payload)  # a UTF-16/32 body, stored as ASCII JSON
+        except UnicodeError:
+            raise BadRequest("bad_json", "the body has text that is not valid Unicode") from None
+        if not event_type.isprintable():
+            raise BadRequest("missing_event", "the \"event\" member is not valid text")
+    return text, payload
+
+
+class RequestHandler(http.server.BaseHTTPRequestHandler):
+    """One HTTP connection: routes each request to the hook or an operator endpoint."""
+
+    protocol_version = "HTTP/1.1"      # keep-alive: the sender reuses connections
+    server_version = "wabhook/" + __version__
+    sys_version = ""
+    disable_nagle_algorithm = True     # replies leave at once, not after a 40 ms delayed ACK
+
+    def setup(self):
+        self.timeout = self.server.app.config.timeout  # idle keep-alive and slow-header limit
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()  # here, in the connection's thread, not in accept()
+
+    # The standard library writes every request and error to stderr; we log our own lines.
+    def log_message(self, format, *args):
+        self.server.app.log.debug("http: " + format, *args)
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors found by the standard library (bad request line, headers too long) as JSON."""
+        self.close_connection = True
+        error = HTTPError("bad_request" if code == 400 else "http_%d" % code,
+                          http.server.BaseHTTPRequestHandler.responses.get(code, ("error",))[0], close=True)
+        error.status = code
+        self.server.app.log.warning("rejected a request from %s: %d %s", self.client_address[0], code,
+                                    _printable(str(message or "")))
+        self.server.app.metrics.rejected(code)
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.send_json(code, {"ok": False, "error": error.code, "message": error.message}, close=True)
+
+    def do_POST(self):
+        self._handle()
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_POST
+
+    def _handle(self):
+        app = self.server.app
+        started = time.monotonic()
+        target = self.path
+        if not target.startswith("/"):
+            target = urllib.parse.urlsplit(target).path or "/"
+        path, _, query = target.partition("?")
+        self.status_sent = 0
+        self.body_pending = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
+        try:
+            self._route(app, path, query, started)
+        except HTTPError as exc:
+            if self.body_pending:
+                exc.close = True  # an unread body would be taken for the next request
+            app.metrics.rejected(exc.status)
+            app.log.warning("%s %s from %s: %d %s (%s)", self.command, _printable(path), self.client_address[0],
+                            exc.status, exc.code, exc.message)
+            self.send_json(exc.status, {"ok": False, "error": exc.code, "message": exc.message},
+                           close=exc.close, headers=exc.headers)
+        if app.config.access_log:
+            app.log.info('%s "%s %s" %d %.1fms', self.client_address[0], self.command, _printable(path),
+                         self.status_sent, (time.monotonic() - started) * 1000)
+
+    def _route(self, app, path: str, query: str, started: float):
+        config = app.config
+        if path == "/healthz":
+            self._require_method("GET", "HEAD")
+            status, payload = app.health()
+            self.send_json(status, payload)
+            return
+        if path == "/metrics":
+            self._require_method("GET", "HEAD")
+            self._require_token(query)
+            self.send_body(200, app.metrics_text().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+            return
+        prefix = config.path.rstrip("/")
+        if path != config.path and not path.startswith(prefix + "/"):
+            raise NotFound("not_found", "no such path; events go to %s or %s/<bridge>" % (config.path, prefix))
+        label = path[len(prefix) + 1:] if path != config.path else ""
+        if label and not BRIDGE_LABEL.fullmatch(label):
+            raise NotFound("bad_bridge", "a bridge label is 1 to 128 of A-Z a-z 0-9 . _ : -")
+        self._require_method("POST")
+        self._require_token(query)
+        body = self._read_body(config.max_body)
+        if app.signing_key is not None:
+            verify_signature(app.signing_key, self.headers, body)
+        text, payload = parse_body(body)
+        event_id, duplicate = app.receive(text, payload, label or None)
+        self.send_json(200, {"ok": True, "id": event_id, "duplicate": duplicate})
+        app.metrics.ack(time.monotonic() - started)
+
+    def _require_method(self, *allowed):
+        if self.command not in allowed:
+            # The body, if any, is left unread: close rather than misread it as the next request.
+            raise MethodNotAllowed("method_not_allowed", "use " + " or ".join(allowed), close=True,
+                                   headers=(("Allow", ", ".join(allowed)),))
+
+    def _require_token(self, query: str):
+        token = self.server.app.config.token
+        if token and not token_matches(token, presented_tokens(query, self.headers)):
+            raise Unauthorized("unauthorized", "a valid token is required (?token=, Bearer or Basic password)",
+                               close=True, headers=(("WWW-Authenticate", 'Bearer realm="wabhook"'),))
+
+    # -- reading the body ----------------------------------------------------
+
+    def _read_body(self, limit: int) -> bytes:
+        """The whole body, by Content-Length or chunked, within `limit` bytes and --timeout."""
+        deadline = time.monotonic() + self.server.app.config.timeout
+        self.body_pending = False  # read whole, or the connection is closed on error
+        try:
+            encoding = self.headers.get("Transfer-Encoding")
+            if encoding is not None:
+                if encoding.strip().lower() != "chunked":
+                    raise BadRequest("bad_transfer_encoding", "only chunked transfer-encoding is supported",
+                                     close=True)
+                return self._read_chunked(limit, deadline)
+            lengths = self.headers.get_all("Content-Length") or []
+            if not lengths:
+                raise LengthRequired("length_required", "send Content-Length or a chunked body", close=True)
+            if len(set(v.strip() for v in lengths)) != 1 or not lengths[0].strip().isdigit():
+                raise BadRequest("bad_length", "Content-Length is not one whole number", close=True)
+            length = int(lengths[0])
+            if length > limit:
+                raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % limit, close=True)
+            return self._read_exact(length, deadline)
+        finally:
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(self.timeout)
+
+    def _wait_budget(self, deadline: float):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestTimeout("body_timeout", "the body did not arrive within the timeout", close=True)
+        self.connection.settimeout(remaining)
+
+    def _read_exact(self, length: int, deadline: float) -> bytes:
+        parts, remaining = [], length
+        while remaining:
+            self._wait_budget(deadline)
+            try:
+                chunk = self.rfile.read1(min(remaining, READ_CHUNK))
+            except socket.timeout:
+                raise RequestTimeout("body_timeout", "the body did not arrive within the timeout",
+                                     close=True) from None
+            if not chunk:
+                raise BadRequest("truncated_body", "the connection closed before the whole body arrived",
+                                 close=True)
+            parts.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(parts)
+
+    def _read_line(self, deadline: float) -> bytes:
+        self._wait_budget(deadline)
+        try:
+            line = self.rfile.readline(CHUNK_LINE_LIMIT + 1)
+        except socket.timeout:
+            raise RequestTimeout("body_timeout", "the body did not arrive within the timeout", close=True) from None
+        if not line.endswith(b"\n"):
+            if not line:
+                raise BadRequest("truncated_body", "the connection closed before the whole body arrived",
+                                 close=True)
+            raise BadRequest("bad_chunk", "a chunk header line is too long", close=True)
+        return line
+
+    def _read_chunked(self, limit: int, deadline: float) -> bytes:
+        parts, total = [], 0
+        while True:
+            size_text = self._read_line(deadline).split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size_text):
+                raise BadRequest("bad_chunk", "a chunk size is not hexadecimal", close=True)
+            size = int(size_text, 16)
+            if size == 0:
+                while self._read_line(deadline).strip():
+                    pass  # trailer fields are ignored
+                return b"".join(parts)
+            total += size
+            if total > limit:
+                raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % limit, close=True)
+            parts.append(self._read_exact(size, deadline))
+            if self._read_exact(2, deadline) != b"\r\n":
+                raise BadRequest("bad_chunk", "a chunk does not end with CRLF", close=True)
+
+    # -- replies -----------------------------------------------------------
+
+    def send_json(self, status: int, payload: dict, close: bool = False, headers: Tuple = ()):
+        self.send_body(status, json.dumps(payload).encode("utf-8"), "application/json", close, headers)
+
+    def send_body(self, status: int, body: bytes, content_type: str, close: bool = False, headers: Tuple = ()):
+        """Status line, headers and body in one write (one packet for small replies)."""
+        if close:
+            self.close_connection = True
+        reason = http.server.BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+        lines = ["HTTP/1.1 %d %s" % (status, reason),
+                 "Server: " + self.server_version,
+                 "Date: " + email.utils.formatdate(usegmt=True),
+                 "Content-Type: " + content_type,
+                 "Content-Length: %d" % len(body)]
+        lines += ["%s: %s" % header for header in headers]
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+        self.status_sent = status
+
+
+# ---------------------------------------------------------------------------
+# 7. Operator endpoints
+# ---------------------------------------------------------------------------
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class _Histogram:
+    __slots__ = ("buckets", "counts", "total", "count")
+
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.total, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float):
+        for index, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[index] += 1
+        self.total += value
+        self.count += 1
+
+    def lines(self, name: str, labels: str) -> List[str]:
+        sep = "," if labels else ""
+        out = ['%s_bucket{%s%sle="%s"} %d' % (name, labels, sep, repr(bound), count)
+               for bound, count in zip(self.buckets, self.counts)]
+        out.append('%s_bucket{%s%sle="+Inf"} %d' % (name, labels, sep, self.count))
+        out.append("%s_sum%s %r" % (name, "{%s}" % labels if labels else "", self.total))
+        out.append("%s_count%s %d" % (name, "{%s}" % labels if labels else "", self.count))
+        return out
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """This process's counters since start, rendered in the Prometheus text format.
+
+    Event types outside the documented eleven are counted as "unknown", so a
+    sender cannot grow the label set without bound.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.received: Dict[str, int] = {}
+        self.duplicates: Dict[str, int] = {}
+        self.rejected_by_status: Dict[int, int] = {}
+        self.runs: Dict[Tuple[str, str], int] = {}
+        self.durations: Dict[str, _Histogram] = {}
+        self.ack_latency = _Histogram(ACK_BUCKETS)
+
+    def event_received(self, event_type: str, duplicate: bool):
+        label = event_type if event_type in EVENT_CLASSES else "unknown"
+        with self._lock:
+            counter = self.duplicates if duplicate else self.received
+            counter[label] = counter.get(label, 0) + 1
+
+    def rejected(self, status: int):
+        with self._lock:
+            self.rejected_by_status[status] = self.rejected_by_status.get(status, 0) + 1
+
+    def handler_run(self, handler: str, outcome: str, seconds: float):
+        with self._lock:
+            self.runs[(handler, outcome)] = self.runs.get((handler, outcome), 0) + 1
+            self.durations.setdefault(handler, _Histogram(DURATION_BUCKETS)).observe(seconds)
+
+    def ack(self, seconds: float):
+        with self._lock:
+            self.ack_latency.observe(seconds)
+
+    def render(self, gauges: Dict[str, int]) -> str:
+        out = []
+
+        def family(name, kind, help_text):
+            out.append("# HELP %s %s" % (name, help_text))
+            out.append("# TYPE %s %s" % (name, kind))
+
+        with self._lock:
+            family("wabhook_info", "gauge", "Version of this wabhook.")
+            out.append('wabhook_info{version="%s"} 1' % __version__)
+            family("wabhook_events_received_total", "counter", "Events stored, by type (duplicates excluded).")
+            for event_type, count in sorted(self.received.items()):
+                out.append('wabhook_events_received_total{event="%s"} %d' % (_label(event_type), count))
+            family("wabhook_duplicates_total", "counter", "Events acknowledged as duplicates, by type.")
+            for event_type, count in sorted(self.duplicates.items()):
+                out.append('wabhook_duplicates_total{event="%s"} %d' % (_label(event_type), count))
+            family("wabhook_requests_rejected_total", "counter", "Requests refused, by HTTP status.")
+            for status, count in sorted(self.rejected_by_status.items()):
+                out.append('wabhook_requests_rejected_total{status="%d"} %d' % (status, count))
+            family("wabhook_handler_runs_total", "counter", "Handler runs, by handler and outcome (ok, failed, skipped).")
+            for (handler, outcome), count in sorted(self.runs.items()):
+                out.append('wabhook_handler_runs_total{handler="%s",outcome="%s"} %d'
+                           % (_label(handler), outcome, count))
+            family("wabhook_handler_duration_seconds", "histogram", "How long handler runs took.")
+            for handler, histogram in sorted(self.durations.items()):
+                out += histogram.lines("wabhook_handler_duration_seconds", 'handler="%s"' % _label(handler))
+            family("wabhook_ack_duration_seconds", "histogram", "From request headers read to 200 sent.")
+            out += self.ack_latency.lines("wabhook_ack_duration_seconds", "")
+        for name, value in sorted(gauges.items()):
+            family("wabhook_events_%s" % name, "gauge", "Events in the inbox whose delivery is %s." % name)
+            out.append("wabhook_events_%s %d" % (name, value))
+        return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# 8. Server lifecycle
+# ---------------------------------------------------------------------------
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ServerError(Exception):
+    """The server cannot start (port in use, bad certificate); the message says what to do."""
+
+
+class _HTTPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    # TCPServer rather than http.server.HTTPServer: its server_bind() calls
+    # socket.getfqdn(), a reverse DNS lookup that can hang a start for seconds.
+    daemon_threads = True        # an open keep-alive connection never holds up exit
+    block_on_close = False
+    allow_reuse_address = True   # restart at once on the same port
+    request_queue_size = 1024    # listen backlog: socketserver's 5 stalls a burst of connects
+
+    def __init__(self, app: "Server", address, family):
+        self.app = app
+        self.address_family = family
+        super().__init__(address, RequestHandler)
+
+    def handle_error(self, request, client_address):
+        # A connection reset or failed TLS handshake: not worth a traceback on stderr.
+        self.app.log.debug("connection from %s ended with an error:\n%s", client_address[0], traceback.format_exc())
+
+
+class Server:
+    """One run of wabhook: owns the inbox, the handler registry, the dispatcher and the listener.
+
+    start() brings them up in that order; stop() takes them down in reverse:
+    stop accepting, let running handlers finish, close the inbox.
+    """
+
+    def __init__(self, config: Config, log: Optional[logging.Logger] = None):
+        self.config = config
+        self.log = log or logging.getLogger("wabhook")
+        self.started_at = time.time()
+        self.accepting = False
+        self.signing_key = signing_key(config.secret) if config.secret else None
+        self.metrics = Metrics()
+        if not os.path.isdir(config.handlers):
+            try:
+                os.makedirs(config.handlers)
+                self.log.info("created the handlers folder %s: put <event>.py files in it", config.handlers)
+            except OSError as exc:
+                raise ServerError("cannot create the handlers folder %s: %s" % (config.handlers, exc)) from None
+        self.inbox = Inbox(config.db)
+        self.registry = Registry(config.handlers, config.script_timeout)
+        self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log)
+        self.httpd: Optional[_HTTPServer] = None
+        self._serve_thread: Optional[threading.Thread] = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> "Server":
+        config = self.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        try:
+            self.httpd = _HTTPServer(self, (config.host, config.port), family)
+        except OSError as exc:
+            self.inbox.close()
+            raise ServerError("cannot listen on %s port %d: %s%s" % (
+                config.host, config.port, exc.strerror or exc,
+                " (another program uses it: pick another --port)" if exc.errno == 98 else "")) from None
+        if config.tls_cert:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                context.load_cert_chain(config.tls_cert, config.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                self.httpd.server_close()
+                self.inbox.close()
+                raise ServerError("cannot load --tls-cert/--tls-key: %s" % exc) from None
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True,
+                                                    do_handshake_on_connect=False)
+        self.dispatcher.start()
+        self.accepting = True
+        self._serve_thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                              name="wabhook-http", daemon=True)
+        self._serve_thread.start()
+        self.log.info("wabhook %s listening on %s (handlers: %s, inbox: %s)", __version__, self.url,
+                      self.registry.folder, config.db)
+        if not config.token and config.host not in LOOPBACK_HOSTS:
+            self.log.warning("no --token set while listening on %s: anyone who can reach this port can post"
+                             " events; set --token and put ?token=... in the webhook URL", config.host)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1] if self.httpd else self.config.port
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = "[%s]" % host
+        scheme = "https" if self.config.tls_cert else "http"
+        return "%s://%s:%d%s" % (scheme, host, self.port, self.config.path)
+
+    def stop(self) -> bool:
+        """Stop accepting, let running handlers finish (--shutdown-timeout), close the inbox."""
+        self.accepting = False
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+        finished = self.dispatcher.stop(self.config.shutdown_timeout)
+        self.inbox.close()
+        self.log.info("stopped; %s", "every running handler finished" if finished
+                      else "unfinished runs went back to the inbox")
+        return finished
+
+    # -- what the HTTP front calls -----------------------------------------
+
+    def receive(self, body: str, payload: dict, bridge: Optional[str]) -> Tuple[int, bool]:
+        """Commit one event to the inbox: (inbox id, duplicate). Never waits for a handler."""
+        if not self.accepting:
+            raise ServiceUnavailable("shutting_down", "the server is shutting down; send again", close=True)
+        event_type = payload["event"]
+        key, ttl = identity_key(payload, bridge), self.config.retention
+        if key is None and self.config.dedup_window > 0:
+            digest = hashlib.sha256(("%s\n%s" % (bridge or "", body)).encode("utf-8", "surrogatepass"))
+            key, ttl = "body:" + digest.hexdigest(), self.config.dedup_window
+        try:
+            event_id, duplicate = self.inbox.commit_event(body, event_type, bridge, lane_of(payload, bridge), key, ttl)
+        except InboxUnavailable as exc:
+            self.log.error("answered 503 for a %s event: %s", _printable(event_type, 64), exc)
+            raise ServiceUnavailable("inbox_unavailable", "the event could not be stored; send it again") from None
+        self.metrics.event_received(event_type, duplicate)
+        if not duplicate:
+            self.dispatcher.wake()
+        return event_id, duplicate
+
+    def health(self) -> Tuple[int, dict]:
+        payload = {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - self.started_at, 3)}
+        try:
+            self.inbox.check_writable()
+            payload.update(self.inbox.counts(("pending", "dead")))
+            payload["handlers"] = len(self.registry.names())
+            payload["running"] = self.dispatcher.busy
+            return 200, payload
+        except InboxUnavailable as exc:
+            self.log.error("health check: %s", exc)
+            payload.update(status="unavailable", error="the inbox is not writable")
+            return 503, payload
+
+    def metrics_text(self) -> str:
+        try:
+            gauges = self.inbox.counts(("pending", "dead"))
+        except InboxUnavailable:
+            gauges = {}
+        return self.metrics.render(gauges)
+
+
+def serve(config: Config, log: logging.Logger) -> int:
+    """Run until SIGTERM or SIGINT, then shut down cleanly and return 0."""
+    server = Server(config, log).start()
+    stop_requested = threading.Event()
+
+    def on_signal(signum, frame):
+        stop_requested.set()  # only a flag: the main loop below does the work
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop_requested.wait(0.5):
+        pass
+    log.info("shutting down: no new connections; running handlers get %gs to finish", config.shutdown_timeout)
+    server.stop()
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# 9. CLI
+# ---------------------------------------------------------------------------
+
+REPLAY_BATCH = 500
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and event_id/handler when known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + ".%03dZ" % record.msecs,
+                 "level": record.levelname.lower(), "message": record.getMessage()}
+        for key in ("event_id", "handler"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(config: Config, stream=None) -> logging.Logger:
+    log = logging.getLogger("wabhook")
+    for old in list(log.handlers):
+        log.removeHandler(old)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if config.log_format == "json":
+        formatter: logging.Formatter = _JsonFormatter()
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    log.addHandler(handler)
+    log.setLevel(config.log_level.upper())
+    log.propagate = False
+    return log
+
+
+def _help_for(option: Option) -> str:
+    default = option.default
+    shown = "off" if default is False or default is None else default
+    return "%s (env %s; default: %s)" % (option.help, env_name(option.name), shown)
+
+
+def _option_parser() -> argparse.ArgumentParser:
+    """The flags every subcommand takes, built from OPTIONS (default None: unset)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("settings (each also read from WABHOOK_<NAME>; a flag wins)")
+    for option in OPTIONS:
+        if option.kind == "bool":
+            group.add_argument(flag_name(option.name), dest=option.name, action="store_true", default=None,
+                               help=_help_for(option))
+        else:
+            metavar = "{%s}" % ",".join(option.kind) if isinstance(option.kind, tuple) else option.name.upper()
+            group.add_argument(flag_name(option.name), dest=option.name, metavar=metavar, default=None,
+                               help=_help_for(option))
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    options = _option_parser()
+    parser = argparse.ArgumentParser(
+        prog="wabhook.py", description="Receive WhatsApp bridge webhooks and run your handlers for each event.",
+        epilog="Without a command, wabhook serves: python wabhook.py --port 3000",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="wabhook " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, help_text, example):
+        return commands.add_parser(name, parents=[options], help=help_text, description=help_text,
+                                   epilog="example:\n  " + example,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    command("serve", "receive events and run handlers (the default command)",
+            "python wabhook.py serve --port 3000 --token s3cret")
+    send = command("send", "post the documented sample of an event to a running server",
+                   "python wabhook.py send message --set body=hi --set from_me=false")
+    send.add_argument("event", choices=EVENT_TYPES, metavar="EVENT", help="one of: " + ", ".join(EVENT_TYPES))
+    send.add_argument("--url", help="where to post (default: this config's own address and --path)")
+    send.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="change a field; VALUE is read as JSON when it parses (42, true, [\"a\"]), else text")
+    send.add_argument("--bridge", metavar="LABEL", help="post to <path>/LABEL")
+    command("check", "load every handler and report problems (exit 1 if any)",
+            "python wabhook.py check --handlers ./handlers")
+    events = command("events", "list the newest events in the inbox and their deliveries",
+                     "python wabhook.py events --status dead --limit 50")
+    events.add_argument("--status", choices=("pending", "done", "dead"), help="only events with this status")
+    events.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    events.add_argument("--json", action="store_true", help="print JSON for scripts")
+    replay = command("replay", "queue events again: their dead deliveries, or every handler anew",
+                     "python wabhook.py replay 41 42   |   python wabhook.py replay --dead")
+    replay.add_argument("ids", nargs="*", type=int, metavar="ID", help="inbox ids (see `events`)")
+    replay.add_argument("--dead", action="store_true", help="every dead-lettered event")
+    stats = command("stats", "counts of events by status and type, deliveries by handler",
+                    "python wabhook.py stats --json")
+    stats.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return parser
+
+
+def _open_existing_inbox(config: Config) -> Inbox:
+    if not os.path.exists(config.db):
+        raise InboxUnavailable("no inbox at %s: start the server first, or pass --db" % config.db)
+    return Inbox(config.db)
+
+
+def _output(data, as_json: bool, text_lines: Callable[[object], List[str]]) -> None:
+    """The one way `events` and `stats` print: JSON for scripts, text lines for people."""
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        for line in text_lines(data):
+            print(line)
+
+
+def _event_lines(events: List[dict]) -> List[str]:
+    if not events:
+        return ["no events"]
+    lines = []
+    for item in events:
+        received = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["received_at"]))
+        deliveries = " ".join("%s:%s(%d)" % (d["handler"], d["status"], d["attempts"]) for d in item["deliveries"])
+        lines.append("%-6d %s  %-8s %-24s %-7s %s" % (item["id"], received, item["bridge"] or "-", item["event"],
+                                                     item["status"], deliveries or "(no handler)"))
+        for delivery in item["deliveries"]:
+            if delivery["status"] in ("dead", "pending") and delivery["last_error"]:
+                last = delivery["last_error"].strip().splitlines()[-1]
+                lines.append("       %s: %s" % (delivery["handler"], last[:200]))
+    return lines
+
+
+def _stats_lines(stats: dict) -> List[str]:
+    lines = ["events: %s" % ", ".join("%d %s" % (n, status) for status, n in stats["events"].items())]
+    if stats["oldest_pending_age_seconds"]:
+        lines.append("oldest pending: %.0fs ago" % stats["oldest_pending_age_seconds"])
+    lines.append("by type: " + (", ".join("%s %d" % item for item in stats["by_type"].items()) or "none"))
+    for handler, by_status in stats["deliveries_by_handler"].items():
+        lines.append("handler %s: %s" % (handler, ", ".join("%d %s" % (n, s) for s, n in sorted(by_status.items()))))
+    return lines
+
+
+def cmd_serve(config: Config, args, log: logging.Logger) -> int:
+    return serve(config, log)
+
+
+def cmd_send(config: Config, args, log: logging.Logger) -> int:
+    payload = dict(SAMPLES[args.event])
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print("error: --set takes KEY=VALUE, got %r" % item, file=sys.stderr)
+            return 2
+        try:
+            payload[key] = json.loads(value)
+        except ValueError:
+            payload[key] = value
+    if args.bridge is not None and not BRIDGE_LABEL.fullmatch(args.bridge):
+        print("error: --bridge takes 1 to 128 of A-Z a-z 0-9 . _ : -", file=sys.stderr)
+        return 2
+    url = args.url
+    if not url:
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+        host = "[%s]" % host if ":" in host else host
+        url = "%s://%s:%d%s" % ("https" if config.tls_cert else "http", host, config.port, config.path)
+    if args.bridge:
+        url = url.rstrip("/") + "/" + args.bridge
+    headers = {"Content-Type": "application/json"}
+    if config.token:
+        headers["Authorization"] = "Bearer " + config.token
+    request = urllib.request.Request(url, data=json.dumps(payload).encode("utf-8"), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print("%d %s" % (response.status, response.read().decode("utf-8", "replace")))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print("%d %s" % (exc.code, exc.read().decode("utf-8", "replace")))
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print("error: cannot reach %s: %s (is the server running? python wabhook.py --port %d)"
+              % (url, reason, config.port), file=sys.stderr)
+        return 1
+
+
+def cmd_check(config: Config, args, log: logging.Logger) -> int:
+    good, problems = check_handlers(config.handlers)
+    for name in good:
+        print("ok       %s" % name)
+    for problem in problems:
+        print("problem  %s: %s" % (problem.file, problem.message))
+    print("%d handlers ok, %d problems in %s" % (len(good), len(problems), config.handlers))
+    return 1 if problems else 0
+
+
+def cmd_events(config: Config, args, log: logging.Logger) -> int:
+    inbox = _open_existing_inbox(config)
+    try:
+        _output(inbox.list_events(args.status, args.limit), args.json, _event_lines)
+    finally:
+        inbox.close()
+    return 0
+
+
+def cmd_stats(config: Config, args, log: logging.Logger) -> int:
+    inbox = _open_existing_inbox(config)
+    try:
+        _output(inbox.stats(), args.json, _stats_lines)
+    finally:
+        inbox.close()
+    return 0
+
+
+def cmd_replay(config: Config, args, log: logging.Logger) -> int:
+    if bool(args.ids) == bool(args.dead):
+        print("error: give event ids or --dead (not both)", file=sys.stderr)
+        return 2
+    inbox = _open_existing_inbox(config)
+    try:
+        if args.ids:
+            replayed = inbox.replay(args.ids)
+            missing = sorted(set(args.ids) - set(replayed))
+            print("replayed %d events%s" % (len(replayed), (": " + " ".join(map(str, replayed))) if replayed else ""))
+            for event_id in missing:
+                print("error: no event %d in %s" % (event_id, config.db), file=sys.stderr)
+            return 1 if missing else 0
+        total, after = 0, 0
+        while True:
+            batch = inbox.dead_event_ids(after, REPLAY_BATCH)
+            if not batch:
+                break
+            total += len(inbox.replay(batch))
+            after = batch[-1]
+            print("replaying dead events: %d so far" % total, file=sys.stderr)
+        print("replayed %d dead events" % total)
+        return 0
+    finally:
+        inbox.close()
+
+
+COMMAND_FUNCTIONS = {"serve": cmd_serve, "send": cmd_send, "check": cmd_check, "events": cmd_events,
+                     "replay": cmd_replay, "stats": cmd_stats}
+
+
+def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = None) -> int:
+    """The command line: `wabhook.py [COMMAND] [flags]`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ if environ is None else environ)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["serve"] + argv
+    args = build_parser().parse_args(argv)
+    try:
+        config = build_config(vars(args), environ)
+    except ConfigError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    log = setup_logging(config)
+    try:
+        return COMMAND_FUNCTIONS[args.command](config, args, log)
+    except (InboxUnavailable, ServerError, ConfigError) as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    # Handlers `from wabhook import MessageEvent`: make that this very module,
+    # not a second copy with its own classes.
+    sys.modules.setdefault("wabhook", sys.modules[__name__])
+    sys.exit(main())
