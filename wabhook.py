@@ -632,7 +632,10 @@ class Inbox:
             self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a 200 must survive power loss too
+            # Delivery bookkeeping commits without fsync (WAL + NORMAL survives
+            # a killed process; a power loss can only re-run a handler). Event
+            # commits switch to FULL: a 200 must survive power loss too.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.Error as exc:
             raise InboxUnavailable("cannot open the inbox %s: %s" % (path, exc)) from None
@@ -696,6 +699,7 @@ class Inbox:
         now = time.time()
         results = []
         try:
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for pending in batch:
@@ -705,6 +709,9 @@ class Inbox:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
                 raise
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             error = InboxUnavailable("inbox %s cannot commit: %s" % (self.path, exc))
             for pending in batch:
@@ -998,10 +1005,14 @@ class PythonHandler:
         module_name = "wabhook_handler_" + re.sub(r"\W", "_", name[:-3])
         module = types.ModuleType(module_name)
         module.__file__ = path
+        # Registered while its code runs, as an import would: dataclasses and
+        # pickle look their module up in sys.modules.
+        sys.modules[module_name] = module
         try:
             code = compile(source, path, "exec")
             exec(code, module.__dict__)
         except BaseException:
+            sys.modules.pop(module_name, None)
             raise HandlerLoadError("cannot load handler %s:\n%s" % (name, traceback.format_exc())) from None
         if not callable(getattr(module, "handle", None)):
             raise HandlerLoadError("handler %s defines no handle(event) function" % name)
@@ -1223,6 +1234,58 @@ class Registry:
         """Kill the process group of every script still running (shutdown)."""
         for process in list(self.processes):
             _kill_group(process.pid)
+
+
+class HandlerOutput:
+    """Stands in for sys.stdout/sys.stderr while serving.
+
+    What a Python handler prints becomes log lines attributed to the handler
+    and its event (like a script's output); every other thread writes through
+    to the real stream unchanged. At most OUTPUT_CAP bytes a run are logged.
+    """
+
+    def __init__(self, stream, log: logging.Logger, level: int):
+        self._stream, self._log, self._level = stream, log, level
+        self._context = threading.local()
+
+    @contextlib.contextmanager
+    def attributed_to(self, handler: str, event_id: int):
+        """Route this thread's writes to the log for the duration of one handler run."""
+        self._context.run = {"handler": handler, "event_id": event_id, "partial": "", "logged": 0}
+        try:
+            yield
+        finally:
+            run, self._context.run = self._context.run, None
+            if run["partial"]:
+                self._emit(run, run["partial"])
+
+    def write(self, text):
+        run = getattr(self._context, "run", None)
+        if run is None or getattr(self._context, "emitting", False):
+            return self._stream.write(text)
+        lines = (run["partial"] + text).split("\n")
+        run["partial"] = lines.pop()
+        for line in lines:
+            self._emit(run, line)
+        return len(text)
+
+    def _emit(self, run, line: str):
+        run["logged"] += len(line)
+        if run["logged"] > OUTPUT_CAP:
+            return
+        self._context.emitting = True  # a log handler writing to this stream must not loop back
+        try:
+            self._log.log(self._level, "%s | %s", run["handler"], line,
+                          extra={"handler": run["handler"], "event_id": run["event_id"]})
+        finally:
+            self._context.emitting = False
+
+    def flush(self):
+        if getattr(self._context, "run", None) is None:
+            self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 Problem = namedtuple("Problem", "file message")
@@ -1463,7 +1526,8 @@ class Dispatcher:
             handler = self.registry.get(run.handler)
             run.kind = handler.kind
             event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id, claim.received_at)
-            handler.run(event, claim.body, self.log)
+            with self._attributed(run.handler, claim.event_id):
+                handler.run(event, claim.body, self.log)
             return "ok", None, time.monotonic() - started
         except HandlerGone as exc:
             return "skipped", str(exc), time.monotonic() - started
@@ -1471,6 +1535,14 @@ class Dispatcher:
             return "failed", str(exc), time.monotonic() - started
         except BaseException:  # a handler's exception, even SystemExit, is a failed run
             return "failed", traceback.format_exc(), time.monotonic() - started
+
+    def _attributed(self, handler: str, event_id: int):
+        """While a handler runs, its prints go to the log as `handler | line` (see HandlerOutput)."""
+        stack = contextlib.ExitStack()
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, HandlerOutput):
+                stack.enter_context(stream.attributed_to(handler, event_id))
+        return stack
 
     def _record(self, claim: Claim, handler: str, outcome: str, error: Optional[str], duration: float) -> None:
         attempt = claim.attempts.get(handler, 1)
@@ -2056,6 +2128,7 @@ class Server:
                 raise ServerError("cannot load --tls-cert/--tls-key: %s" % exc) from None
             self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True,
                                                     do_handshake_on_connect=False)
+        self._capture_output()
         self.dispatcher.start()
         self.accepting = True
         self._serve_thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
@@ -2067,6 +2140,21 @@ class Server:
             self.log.warning("no --token set while listening on %s: anyone who can reach this port can post"
                              " events; set --token and put ?token=... in the webhook URL", config.host)
         return self
+
+    def _capture_output(self):
+        """Attribute Python handlers' prints: stdout lines log at INFO, stderr lines at WARNING."""
+        if not isinstance(sys.stdout, HandlerOutput):
+            sys.stdout = HandlerOutput(sys.stdout, self.log, logging.INFO)
+            self._installed_stdout = sys.stdout
+        if not isinstance(sys.stderr, HandlerOutput):
+            sys.stderr = HandlerOutput(sys.stderr, self.log, logging.WARNING)
+            self._installed_stderr = sys.stderr
+
+    def _release_output(self):
+        for name in ("stdout", "stderr"):
+            installed = getattr(self, "_installed_" + name, None)
+            if installed is not None and getattr(sys, name) is installed:
+                setattr(sys, name, installed._stream)
 
     @property
     def port(self) -> int:
@@ -2090,6 +2178,7 @@ class Server:
             self.httpd.server_close()
         finished = self.dispatcher.stop(self.config.shutdown_timeout)
         self.inbox.close()
+        self._release_output()
         self.log.info("stopped; %s", "every running handler finished" if finished
                       else "unfinished runs went back to the inbox")
         return finished
