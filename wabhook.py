@@ -1215,17 +1215,20 @@ class Registry:
             with self._lock:
                 self._list(force=True)
                 signature = self._files.get(name)
-                if signature is not None:
-                    cached = self._loaded.get(name)
-                    if cached is not None and cached.signature == signature:
-                        return cached
-                    path = os.path.join(self.folder, name)
-                    if name.endswith(".py"):
-                        handler = PythonHandler.load(name, path)
-                    else:
-                        handler = ScriptHandler(name, path, signature, self.script_timeout, self.processes)
+                cached = self._loaded.get(name)
+            if signature is not None:
+                if cached is not None and cached.signature == signature:
+                    return cached
+                # Loading runs the handler's module code: not under the lock, so
+                # a slow import cannot stall fan-out or the other workers.
+                path = os.path.join(self.folder, name)
+                if name.endswith(".py"):
+                    handler = PythonHandler.load(name, path)
+                else:
+                    handler = ScriptHandler(name, path, signature, self.script_timeout, self.processes)
+                with self._lock:
                     self._loaded[name] = handler
-                    return handler
+                return handler
             if time.monotonic() > deadline:
                 raise HandlerGone("handler file %s was removed" % name)
             time.sleep(0.05)
