@@ -2038,7 +2038,8 @@ class Metrics:
             family("wabhook_requests_rejected_total", "counter", "Requests refused, by HTTP status.")
             for status, count in sorted(self.rejected_by_status.items()):
                 out.append('wabhook_requests_rejected_total{status="%d"} %d' % (status, count))
-            family("wabhook_handler_runs_total", "counter", "Handler runs, by handler and outcome (ok, failed, skipped).")
+            family("wabhook_handler_runs_total", "counter",
+                   "Handler runs, by handler and outcome (ok, failed, skipped).")
             for (handler, outcome), count in sorted(self.runs.items()):
                 out.append('wabhook_handler_runs_total{handler="%s",outcome="%s"} %d'
                            % (_label(handler), outcome, count))
