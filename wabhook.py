@@ -41,6 +41,8 @@ import email.utils
 import hashlib
 import hmac
 import http.server
+import importlib.util
+import io
 import json
 import logging
 import os
@@ -631,13 +633,20 @@ class Inbox:
         try:
             self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                        check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise InboxUnavailable("cannot open the inbox %s: %s (check that its folder exists and is writable,"
+                                   " or pass --db)" % (path, exc)) from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             # Delivery bookkeeping commits without fsync (WAL + NORMAL survives
             # a killed process; a power loss can only re-run a handler). Event
             # commits switch to FULL: a 200 must survive power loss too.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, InboxUnavailable) as exc:
+            self._db.close()
+            if isinstance(exc, InboxUnavailable):
+                raise
             raise InboxUnavailable("cannot open the inbox %s: %s" % (path, exc)) from None
 
     def close(self):
@@ -1180,13 +1189,18 @@ class Registry:
             elif is_candidate(name) and (name.endswith(".py") or _is_executable(signature[3])):
                 files[name] = signature
                 self._last_seen[name] = now
+        for name in set(self._files) - set(files):
+            self._last_seen[name] = now  # first seen missing now: gone SETTLE_SECONDS from here
         if helpers != self._helpers:
-            self._forget_helpers()
+            self._forget_helpers([name for name in helpers if helpers[name] != self._helpers.get(name)])
             self._helpers = helpers
         self._files = files
 
-    def _forget_helpers(self):
+    def _forget_helpers(self, changed: List[str]):
         """Drop imported helper modules of the folder, so handlers re-import the new code."""
+        for name in changed:  # a .pyc is checked by whole-second mtime and size only: a quick re-save fools it
+            with contextlib.suppress(OSError):
+                os.remove(importlib.util.cache_from_source(os.path.join(self.folder, name)))
         for module_name, module in list(sys.modules.items()):
             module_file = getattr(module, "__file__", None) or ""
             if module_file and os.path.dirname(os.path.abspath(module_file)) == self.folder:
@@ -1201,6 +1215,23 @@ class Registry:
             present = set(self._files)
             present |= {name for name, seen in self._last_seen.items() if now - seen < SETTLE_SECONDS}
             return sorted(present)
+
+    def fresh_lookup(self) -> Callable[[str], List[str]]:
+        """handlers_for() over a listing of the folder taken at its first call.
+
+        One fan-out pass uses one: an event goes to the handlers present when it
+        is dispatched, even one added a moment ago.
+        """
+        listed = False
+
+        def lookup(event_type: str) -> List[str]:
+            nonlocal listed
+            if not listed:
+                with self._lock:
+                    self._list(force=True)
+                listed = True
+            return self.handlers_for(event_type)
+        return lookup
 
     def handlers_for(self, event_type: str) -> List[str]:
         """Names of the handlers an event of this type goes to: its own, then `all*`."""
@@ -1223,7 +1254,10 @@ class Registry:
                 # a slow import cannot stall fan-out or the other workers.
                 path = os.path.join(self.folder, name)
                 if name.endswith(".py"):
-                    handler = PythonHandler.load(name, path)
+                    try:
+                        handler = PythonHandler.load(name, path)
+                    except FileNotFoundError:
+                        continue  # removed since it was listed (a git checkout): look for it again
                 else:
                     handler = ScriptHandler(name, path, signature, self.script_timeout, self.processes)
                 with self._lock:
@@ -1345,7 +1379,8 @@ def retry_delay(attempt: int, base: float, cap: float = RETRY_DELAY_CAP,
     Exponential: base, 2*base, 4*base ... capped at `cap`, then spread by
     +/-25% jitter so handlers failing together do not retry in lockstep.
     """
-    delay = min(cap, base * (2.0 ** max(attempt - 1, 0)))
+    doublings = min(max(attempt - 1, 0), 64)  # 2.0 ** 1024 overflows; the cap comes long before
+    delay = min(cap, base * (2.0 ** doublings))
     return delay * (0.75 + 0.5 * rand())
 
 
@@ -1441,7 +1476,7 @@ class Dispatcher:
                         self.log.info("pruned %d delivered events older than the retention", pruned)
                 self._abandon_overdue_runs()
                 claims = self.inbox.claim_due(self.owner, self.config.workers - self._busy,
-                                              self.registry.handlers_for)
+                                              self.registry.fresh_lookup())
                 wait = self._idle_wait(claims)
                 if failing:
                     self.log.info("the inbox is writable again; dispatching resumes")
@@ -1497,8 +1532,17 @@ class Dispatcher:
             claim = self._tasks.get()
             if claim is None:
                 return
-            if self._run_claim(worker_id, claim):
-                return  # abandoned by the watchdog: a replacement took our place
+            try:
+                if self._run_claim(worker_id, claim):
+                    return  # abandoned by the watchdog: a replacement took our place
+            except Exception:
+                # A bug of ours, not a handler's (those are caught per run): log it,
+                # give the unfinished deliveries back, and keep the worker alive.
+                self.log.exception("worker %d failed while running event %d", worker_id, claim.event_id)
+                with self._idle:
+                    self._runs.pop(worker_id, None)
+                with contextlib.suppress(InboxUnavailable):
+                    self.inbox.release_leases(self.owner, claim.event_id, claim.handlers)
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
@@ -1709,7 +1753,7 @@ def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = No
     if not (message_id and timestamp and signatures):
         raise Unauthorized("missing_signature", "webhook-id, webhook-timestamp and webhook-signature are required",
                            close=False)
-    if not timestamp.isdigit():
+    if not re.fullmatch(r"[0-9]{1,15}", timestamp):  # str.isdigit() also takes "²", which int() refuses
         raise Unauthorized("bad_signature", "webhook-timestamp is not a Unix time")
     now = time.time() if now is None else now
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
@@ -1738,7 +1782,8 @@ def parse_body(body: bytes) -> Tuple[str, dict]:
         raise BadRequest("missing_event", "the body needs an \"event\" member that is a non-empty string")
     try:
         event_type.encode("utf-8")
-        text = body.decode("utf-8")
+        # Stored without a byte-order mark: json.loads() of the stored text rejects one.
+        text = body.decode("utf-8-sig")
     except UnicodeError:
         try:
             text = json.dumps(payload)  # a UTF-16/32 body, stored as ASCII JSON
@@ -1747,6 +1792,20 @@ def parse_body(body: bytes) -> Tuple[str, dict]:
         if not event_type.isprintable():
             raise BadRequest("missing_event", "the \"event\" member is not valid text")
     return text, payload
+
+
+class _DeadlineReader(socket.SocketIO):
+    """Socket reads bounded by `deadline` in all, not only by --timeout without a byte."""
+
+    deadline: Optional[float] = None
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request line and headers did not arrive within the timeout")
+            self._sock.settimeout(remaining)
+        return super().readinto(buffer)
 
 
 class RequestHandler(http.server.BaseHTTPRequestHandler):
@@ -1762,6 +1821,23 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         super().setup()
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()  # here, in the connection's thread, not in accept()
+        self.rfile.close()  # replaced by a reader whose deadline covers a whole request head
+        self._reader = _DeadlineReader(self.connection, "rb")
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        # --timeout bounds the wait for a request and its headers as a whole, so a
+        # client trickling one byte at a time is cut off like an idle one.
+        self._reader.deadline = time.monotonic() + self.timeout
+        super().handle_one_request()
+
+    def parse_request(self):
+        try:
+            return super().parse_request()
+        finally:
+            self._reader.deadline = None
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(self.timeout)
 
     # The standard library writes every request and error to stderr; we log our own lines.
     def log_message(self, format, *args):
@@ -1773,8 +1849,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         error = HTTPError("bad_request" if code == 400 else "http_%d" % code,
                           http.server.BaseHTTPRequestHandler.responses.get(code, ("error",))[0], close=True)
         error.status = code
-        self.server.app.log.warning("rejected a request from %s: %d %s", self.client_address[0], code,
-                                    _printable(str(message or "")))
+        self.server.app.log.warning("rejected a request from %s: %d %s (%s)", self.client_address[0], code,
+                                    error.code, _printable(str(message or "")))
         self.server.app.metrics.rejected(code)
         if self.command != "HEAD" and code >= 200 and code not in (204, 304):
             self.send_json(code, {"ok": False, "error": error.code, "message": error.message}, close=True)
@@ -1788,8 +1864,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         app = self.server.app
         started = time.monotonic()
         target = self.path
-        if not target.startswith("/"):
-            target = urllib.parse.urlsplit(target).path or "/"
+        if not target.startswith("/"):  # absolute form: POST http://host/hook?token=... HTTP/1.1
+            parts = urllib.parse.urlsplit(target)
+            target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         path, _, query = target.partition("?")
         self.status_sent = 0
         self.body_pending = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
@@ -1863,7 +1940,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             lengths = self.headers.get_all("Content-Length") or []
             if not lengths:
                 raise LengthRequired("length_required", "send Content-Length or a chunked body", close=True)
-            if len(set(v.strip() for v in lengths)) != 1 or not lengths[0].strip().isdigit():
+            if len(set(v.strip() for v in lengths)) != 1 or not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
                 raise BadRequest("bad_length", "Content-Length is not one whole number", close=True)
             length = int(lengths[0])
             if length > limit:
