@@ -1,0 +1,416 @@
+"""The SQLite inbox (SPEC §4): schema and WAL, commit results, durable dedup across restarts, keyless
+events, --dedup-window, retention pruning, newer schemas refused, 503 on a locked file, group commit
+under concurrency, two processes sharing one file, and acknowledged events surviving SIGKILL.
+"""
+
+import http.client
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+
+from tests.support import WabhookTestCase, load_samples, wait_until
+
+import wabhook
+
+DAY = 86400.0
+MESSAGE = load_samples()[0]
+
+APPEND_RUNS_HANDLER = '''
+import os, time
+
+def note(event, what):
+    fd = os.open(%r, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, ("%%s %%d %%s\\n" %% (what, event.id, event.chat_id)).encode("utf-8"))
+    finally:
+        os.close(fd)
+
+def handle(event):
+    note(event, "start")
+    time.sleep(0.01)  # a little work, so a second run of the chat would overlap this one
+    note(event, "end")
+'''
+
+
+def message(message_id, chat_id=None):
+    return dict(MESSAGE, message_id=message_id, chat_id=chat_id or MESSAGE["chat_id"])
+
+
+def run_threads(count, target):
+    """Run target(n) in `count` threads released together; re-raise the first failure."""
+    barrier = threading.Barrier(count)
+    errors = []
+
+    def run(n):
+        try:
+            barrier.wait(timeout=15)
+            target(n)
+        except BaseException as exc:  # reported in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    if errors:
+        raise errors[0]
+
+
+class InboxFileTest(WabhookTestCase):
+    """The Inbox class on a temp file."""
+
+    def open_inbox(self):
+        inbox = wabhook.Inbox(self.db)
+        self.addCleanup(inbox.close)
+        return inbox
+
+    def commit(self, inbox, body, key=None, ttl=7 * DAY, event_type="message", lane="lane", bridge=None):
+        text = body if isinstance(body, str) else json.dumps(body)
+        return inbox.commit_event(text, event_type, bridge, lane, key, ttl)
+
+    def test_a_new_inbox_is_in_wal_mode_with_its_schema_version(self):
+        self.open_inbox()
+        self.assertEqual(self.query("PRAGMA journal_mode"), [("wal",)])
+        self.assertEqual(self.query("PRAGMA user_version"), [(wabhook.SCHEMA_VERSION,)])
+        self.assertGreaterEqual(wabhook.SCHEMA_VERSION, 1)
+        tables = {row[0] for row in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.assertTrue({"events", "deliveries", "dedup"} <= tables, tables)
+
+    def test_a_servers_inbox_is_in_wal_mode_with_its_schema_version(self):
+        server = self.start_server()
+        self.assertEqual(self.post(server, MESSAGE)[0], 200)
+        self.assertEqual(self.query("PRAGMA journal_mode"), [("wal",)])
+        self.assertEqual(self.query("PRAGMA user_version"), [(wabhook.SCHEMA_VERSION,)])
+
+    def test_commit_event_returns_the_id_and_whether_it_was_a_duplicate(self):
+        inbox = self.open_inbox()
+        first = self.commit(inbox, message("A"), key="k-A", lane="chat-1", bridge="b1")
+        self.assertEqual(first, (first[0], False))
+        self.assertIsInstance(first[0], int)
+        self.assertEqual(self.commit(inbox, message("A"), key="k-A"), (first[0], True))
+        second = self.commit(inbox, message("B"), key="k-B")
+        self.assertEqual(second[1], False)
+        self.assertNotEqual(second[0], first[0])
+        keyless = [self.commit(inbox, {"event": "disconnected"}, event_type="disconnected") for _ in range(2)]
+        self.assertEqual([dup for _id, dup in keyless], [False, False])
+        self.assertEqual(len({first[0], second[0], keyless[0][0], keyless[1][0]}), 4)
+        row = self.query("SELECT event, bridge, lane, body, status FROM events WHERE id = ?", (first[0],))
+        self.assertEqual(row, [("message", "b1", "chat-1", json.dumps(message("A")), "pending")])
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(4,)])
+
+    def test_events_and_dedup_keys_survive_closing_and_reopening_the_file(self):
+        inbox = wabhook.Inbox(self.db)
+        first = self.commit(inbox, message("A"), key="k-A")[0]
+        inbox.close()
+        inbox = self.open_inbox()
+        self.assertEqual(self.commit(inbox, message("A"), key="k-A"), (first, True))
+        later = self.commit(inbox, message("B"), key="k-B")[0]
+        self.assertGreater(later, first)  # ids keep growing, never reused
+
+    def test_a_dedup_key_lasts_only_its_ttl(self):
+        inbox = self.open_inbox()
+        first = self.commit(inbox, message("A"), key="short", ttl=1.0)[0]
+        self.assertEqual(self.commit(inbox, message("A"), key="short", ttl=1.0), (first, True))
+        again = wait_until(lambda: (lambda r: r if not r[1] else None)(
+            self.commit(inbox, message("A"), key="short", ttl=1.0)), message="the key to expire")
+        self.assertNotEqual(again[0], first)
+
+    def test_concurrent_commits_get_distinct_ids_and_share_one_id_per_key(self):
+        inbox = self.open_inbox()
+        results = {}
+
+        def commit(n):
+            key = "same" if n % 2 else "key-%d" % n
+            results[n] = self.commit(inbox, message("m%d" % n), key=key)
+
+        run_threads(20, commit)
+        shared = [results[n] for n in range(20) if n % 2]
+        self.assertEqual(len({event_id for event_id, _dup in shared}), 1, shared)
+        self.assertEqual(sorted(dup for _id, dup in shared), [False] + [True] * 9)
+        own = [results[n] for n in range(20) if not n % 2]
+        self.assertEqual([dup for _id, dup in own], [False] * 10)
+        self.assertEqual(len({event_id for event_id, _dup in own} | {shared[0][0]}), 11)
+        for n in range(0, 20, 2):  # each id holds the body its caller sent
+            body = self.query("SELECT body FROM events WHERE id = ?", (results[n][0],))[0][0]
+            self.assertEqual(json.loads(body)["message_id"], "m%d" % n)
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(11,)])
+
+    def test_prune_removes_old_delivered_events_and_expired_keys_but_keeps_dead_and_pending(self):
+        inbox = self.open_inbox()
+        owner = "test:%d:prune" % os.getpid()
+        ids = {}
+        for name in ("done", "dead", "pending"):
+            ids[name] = self.commit(inbox, message(name), key="key-" + name, lane="lane-" + name)[0]
+        ids["unhandled"] = self.commit(inbox, {"event": "connected"}, key="key-unhandled", event_type="connected",
+                                       lane="lane-unhandled")[0]
+        long_key = self.commit(inbox, message("long"), key="key-long", ttl=30 * DAY, lane="lane-long")[0]
+        handlers_for = lambda event_type: ["h.py"] if event_type == "message" else []  # noqa: E731
+        claimed = {claim.event_id for claim in inbox.claim_due(owner, 10, handlers_for)}
+        self.assertTrue({ids["done"], ids["dead"], ids["pending"], long_key} <= claimed, claimed)
+        self.assertTrue(inbox.record_outcome(ids["done"], "h.py", owner, "done"))
+        self.assertTrue(inbox.record_outcome(long_key, "h.py", owner, "done"))
+        self.assertTrue(inbox.record_outcome(ids["dead"], "h.py", owner, "dead", "boom"))
+        self.assertTrue(inbox.record_outcome(ids["pending"], "h.py", owner, "pending", "retry later",
+                                             retry_at=time.time() + 30 * DAY))
+        status = dict(self.query("SELECT id, status FROM events"))
+        self.assertEqual([status[ids[n]] for n in ("done", "dead", "pending", "unhandled")],
+                         ["done", "dead", "pending", "done"])
+
+        self.assertEqual(inbox.prune(7 * DAY, now=time.time() + 6 * DAY), 0)  # nothing is old enough yet
+        self.assertEqual(len(self.query("SELECT id FROM events")), 5)
+        self.assertEqual(len(self.query("SELECT key FROM dedup")), 5)
+
+        self.assertEqual(inbox.prune(7 * DAY, now=time.time() + 8 * DAY), 3)
+        remaining = {row[0] for row in self.query("SELECT id FROM events")}
+        self.assertEqual(remaining, {ids["dead"], ids["pending"]})
+        deliveries = {row[0] for row in self.query("SELECT event_id FROM deliveries")}
+        self.assertEqual(deliveries, {ids["dead"], ids["pending"]})
+        self.assertEqual(self.query("SELECT key FROM dedup"), [("key-long",)])
+        self.assertEqual(self.query("SELECT status, last_error FROM deliveries WHERE event_id = ?",
+                                    (ids["dead"],)), [("dead", "boom")])
+
+    def test_an_inbox_written_by_a_newer_schema_is_refused_untouched(self):
+        connection = sqlite3.connect(self.db)
+        connection.execute("CREATE TABLE future (x)")
+        connection.execute("PRAGMA user_version = %d" % (wabhook.SCHEMA_VERSION + 1))
+        connection.commit()
+        connection.close()
+        with self.assertRaises(wabhook.InboxUnavailable) as caught:
+            wabhook.Inbox(self.db)
+        self.assertIn("newer", str(caught.exception))
+        with self.assertRaises(wabhook.InboxUnavailable):
+            wabhook.Server(self.config())
+        self.assertEqual(self.query("PRAGMA user_version"), [(wabhook.SCHEMA_VERSION + 1,)])
+        tables = {row[0] for row in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.assertEqual(tables, {"future"})
+        result = self.run_cli("serve", "--host", "127.0.0.1", "--port", "0", "--db", self.db,
+                              "--handlers", self.handlers, timeout=30)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("error:", result.stderr)
+        self.assertIn("newer", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+class ServerInboxTest(WabhookTestCase):
+    """The inbox behind a real server."""
+
+    def test_duplicate_is_recognised_after_a_server_restart(self):
+        server = self.start_server()
+        status, first = self.post(server, MESSAGE)
+        self.assertEqual((status, first["duplicate"]), (200, False))
+        self.stop_server(server)
+        server = self.start_server()
+        status, again = self.post(server, dict(MESSAGE, body="edited, same identity"))
+        self.assertEqual((status, again["duplicate"], again["id"]), (200, True, first["id"]))
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(1,)])
+
+    def test_an_identity_is_remembered_for_the_retention_and_no_longer(self):
+        server = self.start_server(retention=1.5)
+        first = self.post(server, MESSAGE)[1]
+        again = self.post(server, MESSAGE)[1]
+        self.assertEqual((again["duplicate"], again["id"]), (True, first["id"]))
+        later = wait_until(lambda: (lambda r: r if not r["duplicate"] else None)(self.post(server, MESSAGE)[1]),
+                           message="the identity to be forgotten")
+        self.assertNotEqual(later["id"], first["id"])
+
+    def test_each_keyed_sample_is_a_duplicate_the_second_time_and_keyless_ones_are_not(self):
+        server = self.start_server()
+        keyed = {"message", "poll_vote", "event_response", "call_incoming", "call_terminated",
+                 "profile_picture_updated"}
+        for sample in load_samples():
+            with self.subTest(event=sample["event"]):
+                first = self.post(server, sample, path="/hook/b1")[1]
+                second = self.post(server, sample, path="/hook/b1")[1]
+                other_bridge = self.post(server, sample, path="/hook/b2")[1]
+                self.assertFalse(first["duplicate"])
+                self.assertFalse(other_bridge["duplicate"])  # dedup is per bridge
+                self.assertNotEqual(other_bridge["id"], first["id"])
+                if sample["event"] in keyed:
+                    self.assertEqual((second["duplicate"], second["id"]), (True, first["id"]))
+                else:
+                    self.assertFalse(second["duplicate"])
+                    self.assertNotEqual(second["id"], first["id"])
+
+    def test_keyless_events_are_all_stored_by_default(self):
+        server = self.start_server()
+        bodies = [{"event": "connected", "phone": "15550001234"}, {"event": "disconnected"},
+                  {"event": "disconnected"}, {"event": "reaction", "x": 1}, {"event": "reaction", "x": 1},
+                  {k: v for k, v in MESSAGE.items() if k != "message_id"},
+                  {k: v for k, v in MESSAGE.items() if k != "message_id"}]
+        replies = [self.post(server, body) for body in bodies]
+        self.assertEqual([status for status, _reply in replies], [200] * len(bodies))
+        self.assertEqual([reply["duplicate"] for _status, reply in replies], [False] * len(bodies))
+        ids = [reply["id"] for _status, reply in replies]
+        self.assertEqual(len(set(ids)), len(bodies))
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(len(bodies),)])
+
+    def test_dedup_window_makes_an_identical_keyless_body_a_duplicate_per_bridge(self):
+        server = self.start_server(dedup_window=60.0)
+        body = json.dumps({"event": "disconnected"})
+        first = self.post(server, body, path="/hook/b1")[1]
+        self.assertFalse(first["duplicate"])
+        self.assertEqual(self.post(server, body, path="/hook/b1")[1], {"ok": True, "id": first["id"],
+                                                                       "duplicate": True})
+        other_bridge = self.post(server, body, path="/hook/b2")[1]
+        bare_path = self.post(server, body)[1]
+        different = self.post(server, {"event": "connected", "phone": "1"}, path="/hook/b1")[1]
+        for reply in (other_bridge, bare_path, different):
+            self.assertFalse(reply["duplicate"], reply)
+        self.assertEqual(len({first["id"], other_bridge["id"], bare_path["id"], different["id"]}), 4)
+        self.assertTrue(self.post(server, body, path="/hook/b2")[1]["duplicate"])
+        no_id = json.dumps({k: v for k, v in MESSAGE.items() if k != "message_id"})
+        self.assertFalse(self.post(server, no_id)[1]["duplicate"])
+        self.assertTrue(self.post(server, no_id)[1]["duplicate"])
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(5,)])
+
+    def test_dedup_window_ends(self):
+        server = self.start_server(dedup_window=1.5)
+        body = {"event": "offline_sync_completed", "count": 3}
+        first = self.post(server, body)[1]
+        self.assertTrue(self.post(server, body)[1]["duplicate"])
+        later = wait_until(lambda: (lambda r: r if not r["duplicate"] else None)(self.post(server, body)[1]),
+                           message="the window to end")
+        self.assertNotEqual(later["id"], first["id"])
+
+    def test_without_dedup_window_identical_keyless_bodies_are_both_stored(self):
+        server = self.start_server(dedup_window=0)
+        replies = [self.post(server, {"event": "disconnected"}, path="/hook/b1")[1] for _ in range(2)]
+        self.assertEqual([reply["duplicate"] for reply in replies], [False, False])
+        self.assertNotEqual(replies[0]["id"], replies[1]["id"])
+
+    def test_locked_inbox_answers_503_not_200_and_accepts_again_once_released(self):
+        server = self.start_server()
+        locker = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(locker.close)
+        locker.execute("BEGIN IMMEDIATE")  # another process's write lock, held past the busy timeout
+        try:
+            status, _headers, data = self.request(server, "POST", "/hook", MESSAGE, timeout=30)
+            self.assertEqual(status, 503, data)
+            reply = json.loads(data)
+            self.assertEqual((reply["ok"], reply["error"]), (False, "inbox_unavailable"))
+            self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(0,)])  # readers still work in WAL
+        finally:
+            locker.execute("ROLLBACK")
+        errors = [m for m in self.log.messages() if "503" in m]
+        self.assertTrue(any("locked" in m for m in errors), errors)
+        status, reply = self.post(server, MESSAGE)
+        self.assertEqual((status, reply["duplicate"]), (200, False))  # the failed try left no dedup key behind
+        self.assertEqual(self.query("SELECT id FROM events"), [(reply["id"],)])
+
+    def test_concurrent_posts_get_distinct_ids_all_stored(self):
+        server = self.start_server()
+        replies = {}
+
+        def post(n):
+            replies[n] = self.post(server, message("concurrent-%d" % n, chat_id="chat-%d" % (n % 3)))
+
+        run_threads(20, post)
+        self.assertEqual({status for status, _reply in replies.values()}, {200})
+        ids = {n: reply["id"] for n, (_status, reply) in replies.items()}
+        self.assertEqual(len(set(ids.values())), 20)
+        bodies = dict(self.query("SELECT id, body FROM events"))
+        for n, event_id in ids.items():
+            self.assertEqual(json.loads(bodies[event_id])["message_id"], "concurrent-%d" % n)
+
+    def test_concurrent_identical_posts_store_one_event(self):
+        server = self.start_server()
+        replies = []
+        run_threads(12, lambda n: replies.append(self.post(server, MESSAGE)[1]))
+        self.assertEqual(len({reply["id"] for reply in replies}), 1, replies)
+        self.assertEqual(sorted(reply["duplicate"] for reply in replies), [False] + [True] * 11)
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(1,)])
+
+
+class SharedFileProcessTest(WabhookTestCase):
+    """Real `python wabhook.py` processes on one SQLite file."""
+
+    def test_two_processes_sharing_one_file_deliver_each_event_exactly_once_in_chat_order(self):
+        delivered = self.out_path("delivered")
+        self.write_handler("message.py", APPEND_RUNS_HANDLER % delivered)
+        first, port_a = self.start_process("--workers", "4")
+        second, port_b = self.start_process("--workers", "4")
+        acked = {}
+        lock = threading.Lock()
+
+        def post(n):
+            for i in range(n, 60, 6):
+                status, reply = self.post(port_a if i % 2 else port_b, message("shared-%d" % i, "chat-%d" % (i % 5)))
+                self.assertEqual(status, 200, reply)
+                self.assertFalse(reply["duplicate"])
+                with lock:
+                    acked[reply["id"]] = "chat-%d" % (i % 5)
+
+        run_threads(6, post)
+        self.assertEqual(len(acked), 60)
+        original = self.post(port_a, message("resent", "chat-0"))[1]
+        resent = self.post(port_b, message("resent", "chat-0"))[1]  # dedup holds across the processes
+        self.assertEqual((original["duplicate"], resent["duplicate"], resent["id"]), (False, True, original["id"]))
+        acked[original["id"]] = "chat-0"
+        wait_until(lambda: self.query("SELECT COUNT(*) FROM events WHERE status = 'done'") == [(61,)],
+                   message="all 61 events delivered")
+        self.assertEqual(self.terminate(first), 0)  # running handlers finish first, so every run is in the file
+        self.assertEqual(self.terminate(second), 0)
+        with open(delivered, encoding="utf-8") as handle:
+            runs = [(what, int(event_id), chat) for what, event_id, chat in (line.split() for line in handle)]
+        started = [event_id for what, event_id, _chat in runs if what == "start"]
+        self.assertEqual(len(started), len(set(started)), "some event was delivered twice")
+        self.assertEqual(set(started), set(acked))
+        for chat in set(acked.values()):
+            seen = [(what, event_id) for what, event_id, run_chat in runs if run_chat == chat]
+            ids = sorted(event_id for event_id, event_chat in acked.items() if event_chat == chat)
+            expected = [(what, event_id) for event_id in ids for what in ("start", "end")]
+            self.assertEqual(seen, expected, "runs of %s overlapped or ran out of order" % chat)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+
+    def test_every_acknowledged_event_is_in_the_inbox_after_sigkill_during_a_burst(self):
+        self.write_handler("message.py", "def handle(event):\n    pass\n")
+        process, port = self.start_process("--workers", "2")
+        acked = {}
+        lock = threading.Lock()
+        stop = threading.Event()
+        failures, gone = [], []
+
+        def client(n):
+            count = 0
+            while not stop.is_set():
+                message_id = "burst-%d-%d" % (n, count)
+                count += 1
+                try:
+                    status, reply = self.post(port, message(message_id, "chat-%d" % n))
+                except (OSError, http.client.HTTPException, ValueError):
+                    gone.append(n)  # the server was killed under this client
+                    return
+                if status != 200:
+                    failures.append((status, reply))
+                    return
+                with lock:
+                    acked[reply["id"]] = message_id
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_until(lambda: len(acked) >= 300, message="300 acknowledged events")
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=10)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        self.assertEqual(failures, [])
+        self.assertTrue(gone, "no client was posting when the server was killed")
+        with lock:
+            acked = dict(acked)
+        self.assertGreaterEqual(len(acked), 300)
+        restarted, _port = self.start_process()
+        stored = dict(self.query("SELECT id, body FROM events"))
+        missing = sorted(set(acked) - set(stored))
+        self.assertEqual(missing, [], "acknowledged but lost")
+        for event_id, message_id in acked.items():
+            self.assertEqual(json.loads(stored[event_id])["message_id"], message_id)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        self.assertEqual(self.terminate(restarted), 0)
