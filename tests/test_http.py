@@ -401,6 +401,16 @@ class AcceptTest(HttpTestCase):
                 event_id = json.loads(data)["id"]
                 self.assertEqual(self.query("SELECT body FROM events WHERE id = ?", (event_id,)), [(body.decode(),)])
 
+    def test_body_with_a_utf8_byte_order_mark_is_stored_without_it_and_delivered(self):
+        self.write_handler("typing.py", "def handle(event):\n    open(%r, 'w').write(event.chat_id)\n"
+                           % self.out_path("chat"))
+        server = self.start_server()
+        status, reply = self.post(server, b"\xef\xbb\xbf" + EVENT)
+        self.assertEqual(status, 200, reply)
+        self.assertEqual(self.query("SELECT body FROM events WHERE id = ?", (reply["id"],)), [(EVENT.decode(),)])
+        self.wait_status(reply["id"], "done")
+        self.assertEqual(self.read_lines("chat"), ["c1"])
+
     def test_chunked_body_in_several_chunks_with_extensions_is_accepted(self):
         server = self.start_server()
         body = b'{"event": "message", "chat_id": "c1", "message_id": "chunky", "body": "hello chunked world"}'
@@ -566,6 +576,14 @@ class TokenTest(HttpTestCase):
                 status, reply = self.post(server, EVENT, path=path, headers=headers)
                 self.assertEqual(status, 200, reply)
         self.assertEqual(self.event_count(), len(cases))
+
+    def test_token_in_an_absolute_form_request_target_is_accepted(self):
+        server = self.start_server(token=TOKEN)
+        head = b"POST http://127.0.0.1:%d/hook/b1?token=s3cret HTTP/1.1\r\nHost: x\r\n" % server.port
+        status, _headers, reply = self.raw(server, with_length(head, EVENT))
+        self.assertEqual(status, 200, reply)
+        self.assertEqual(self.query("SELECT bridge FROM events WHERE id = ?", (json.loads(reply)["id"],)),
+                         [("b1",)])
 
     def test_wrong_or_missing_token_is_401_with_www_authenticate(self):
         server = self.start_server(token=TOKEN)
