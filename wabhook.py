@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import difflib
 import email.utils
+import errno
 import hashlib
 import hmac
 import http.server
@@ -1570,10 +1571,10 @@ class Dispatcher:
         started = time.monotonic()
         claim = run.claim
         try:
-            handler = self.registry.get(run.handler)
-            run.kind = handler.kind
-            event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id, claim.received_at)
-            with self._attributed(run.handler, claim.event_id):
+            with self._attributed(run.handler, claim.event_id):  # what it prints while loading is its own too
+                handler = self.registry.get(run.handler)
+                run.kind = handler.kind
+                event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id, claim.received_at)
                 handler.run(event, claim.body, self.log)
             return "ok", None, time.monotonic() - started
         except HandlerGone as exc:
@@ -1854,11 +1855,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.server.app.metrics.rejected(code)
         if self.command != "HEAD" and code >= 200 and code not in (204, 304):
             self.send_json(code, {"ok": False, "error": error.code, "message": error.message}, close=True)
+        self._log_access(getattr(self, "path", None) or "-", code)
 
-    def do_POST(self):
-        self._handle()
-
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_POST
+    def __getattr__(self, name):
+        # The standard library answers 501 to a method without a do_<METHOD>; every
+        # method goes through routing instead, so a wrong one on /hook is a 405.
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
 
     def _handle(self):
         app = self.server.app
@@ -1880,9 +1884,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                             exc.status, exc.code, exc.message)
             self.send_json(exc.status, {"ok": False, "error": exc.code, "message": exc.message},
                            close=exc.close, headers=exc.headers)
-        if app.config.access_log:
-            app.log.info('%s "%s %s" %d %.1fms', self.client_address[0], self.command, _printable(path),
-                         self.status_sent, (time.monotonic() - started) * 1000)
+        self._log_access(path, self.status_sent, started)
+
+    def _log_access(self, path: str, status: int, started: Optional[float] = None):
+        """The --access-log line of one request, answered or refused."""
+        if self.server.app.config.access_log:
+            took = " %.1fms" % ((time.monotonic() - started) * 1000) if started is not None else ""
+            self.server.app.log.info('%s "%s %s" %d%s', self.client_address[0], self.command or "-",
+                                     _printable(path), status, took)
 
     def _route(self, app, path: str, query: str, started: float):
         config = app.config
@@ -2197,7 +2206,7 @@ class Server:
             self.inbox.close()
             raise ServerError("cannot listen on %s port %d: %s%s" % (
                 config.host, config.port, exc.strerror or exc,
-                " (another program uses it: pick another --port)" if exc.errno == 98 else "")) from None
+                " (another program uses it: pick another --port)" if exc.errno == errno.EADDRINUSE else "")) from None
         if config.tls_cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
