@@ -241,7 +241,8 @@ class StatusCodeTest(HttpTestCase):
     def test_wrong_method_on_a_known_path_is_405_with_allow_header(self):
         server = self.start_server()
         cases = [("GET", "/hook", None, "POST"), ("PUT", "/hook", EVENT, "POST"), ("DELETE", "/hook", None, "POST"),
-                 ("GET", "/hook/bridge-1", None, "POST"), ("PATCH", "/hook/bridge-1", EVENT, "POST")]
+                 ("GET", "/hook/bridge-1", None, "POST"), ("PATCH", "/hook/bridge-1", EVENT, "POST"),
+                 ("PURGE", "/hook", None, "POST"), ("TRACE", "/hook/bridge-1", None, "POST")]
         for method, path, body, allow in cases:
             with self.subTest(method=method, path=path):
                 mark = self.mark()
