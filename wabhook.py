@@ -580,9 +580,33 @@ DDL_INDEXES = (
     "CREATE INDEX IF NOT EXISTS events_by_status ON events(status, id)",
     "CREATE INDEX IF NOT EXISTS events_undispatched ON events(id) WHERE dispatched = 0",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_attempt_at)",
-    "CREATE INDEX IF NOT EXISTS deliveries_by_lane ON deliveries(lane, status)",
+    # Walks the lanes with pending work and finds each lane's oldest: claiming
+    # costs a few lookups per lane, not a scan of the whole backlog.
+    "DROP INDEX IF EXISTS deliveries_by_lane",
+    "CREATE INDEX IF NOT EXISTS deliveries_lane_heads ON deliveries(status, lane, event_id)",
     "CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup(expires_at)",
 )
+
+# The oldest due delivery of each lane that has nothing running, oldest first:
+# a walk over the distinct lanes of pending deliveries (one index seek each),
+# so its cost grows with the number of busy chats, not with the backlog.
+CLAIMABLE_LANE_HEADS = """
+WITH RECURSIVE lanes(lane) AS (
+    SELECT (SELECT MIN(lane) FROM deliveries WHERE status = 'pending')
+    UNION ALL
+    SELECT (SELECT MIN(lane) FROM deliveries WHERE status = 'pending' AND lane > lanes.lane)
+    FROM lanes WHERE lanes.lane IS NOT NULL
+),
+heads(lane, event_id) AS (
+    SELECT lane, (SELECT event_id FROM deliveries
+                  WHERE status = 'pending' AND lane = lanes.lane AND next_attempt_at <= ?1
+                  ORDER BY event_id LIMIT 1)
+    FROM lanes WHERE lane IS NOT NULL
+)
+SELECT lane, event_id FROM heads
+WHERE event_id IS NOT NULL
+  AND lane NOT IN (SELECT lane FROM deliveries WHERE status = 'running')
+ORDER BY event_id LIMIT ?2"""
 
 # How long a claimed delivery stays ours without renewal; the dispatcher renews
 # every third of it, so only a dead process loses its leases.
@@ -624,11 +648,15 @@ class Inbox:
     explicit BEGIN IMMEDIATE transactions. Event commits are grouped: while one
     thread waits for its fsync, the events that arrive meanwhile are committed
     together by the next thread to take the lock, so a burst costs one fsync.
+    Reads (counts, listings) use a second connection: in WAL mode they never
+    wait for a write, and a slow count never holds up an ack.
     """
 
     def __init__(self, path: str, busy_timeout: float = 2.0):
         self.path = path
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._reader: Optional[sqlite3.Connection] = None
         self._queue_lock = threading.Lock()
         self._queue: List[_PendingCommit] = []
         try:
@@ -644,6 +672,8 @@ class Inbox:
             # commits switch to FULL: a 200 must survive power loss too.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
+            self._reader = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                                           check_same_thread=False)
         except (sqlite3.Error, InboxUnavailable) as exc:
             self._db.close()
             if isinstance(exc, InboxUnavailable):
@@ -651,8 +681,9 @@ class Inbox:
             raise InboxUnavailable("cannot open the inbox %s: %s" % (path, exc)) from None
 
     def close(self):
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     def _migrate(self):
         with self._transaction() as db:
@@ -681,9 +712,9 @@ class Inbox:
                 raise
 
     def _read(self, sql, params=()):
-        with self._lock:
+        with self._read_lock:
             try:
-                return self._db.execute(sql, params).fetchall()
+                return self._reader.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise InboxUnavailable("inbox %s cannot be read: %s" % (self.path, exc)) from None
 
@@ -761,19 +792,17 @@ class Inbox:
             self._fan_out(db, handlers_for, now)
             if limit <= 0:
                 return claims
-            lanes = db.execute(
-                "SELECT lane, MIN(event_id) FROM deliveries"
-                " WHERE status = 'pending' AND next_attempt_at <= ?"
-                " AND lane NOT IN (SELECT lane FROM deliveries WHERE status = 'running')"
-                " GROUP BY lane ORDER BY 2 LIMIT ?", (now, limit)).fetchall()
+            lanes = db.execute(CLAIMABLE_LANE_HEADS, (now, limit)).fetchall()
             for _lane, event_id in lanes:
+                # `+status`: look the event's rows up by its key, not by an index
+                # on status that would walk the whole backlog.
                 attempts = {handler: count + 1 for handler, count in db.execute(
-                    "SELECT handler, attempts FROM deliveries WHERE event_id = ? AND status = 'pending'"
-                    " AND next_attempt_at <= ?", (event_id, now))}
+                    "SELECT handler, attempts FROM deliveries WHERE event_id = ? AND +status = 'pending'"
+                    " AND +next_attempt_at <= ?", (event_id, now))}
                 db.execute(
                     "UPDATE deliveries SET status = 'running', attempts = attempts + 1,"
                     " lease_owner = ?, lease_until = ?, updated_at = ?"
-                    " WHERE event_id = ? AND status = 'pending' AND next_attempt_at <= ?",
+                    " WHERE event_id = ? AND +status = 'pending' AND +next_attempt_at <= ?",
                     (owner, now + LEASE_SECONDS, now, event_id, now))
                 event_type, bridge, body, received_at = db.execute(
                     "SELECT event, bridge, body, received_at FROM events WHERE id = ?", (event_id,)).fetchone()
@@ -885,7 +914,7 @@ class Inbox:
                     continue
                 revived = db.execute(
                     "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = 0,"
-                    " last_error = NULL WHERE event_id = ? AND status = 'dead'", (event_id,)).rowcount
+                    " last_error = NULL WHERE event_id = ? AND +status = 'dead'", (event_id,)).rowcount
                 if not revived:
                     db.execute("DELETE FROM deliveries WHERE event_id = ? AND status != 'running'", (event_id,))
                     db.execute("UPDATE events SET dispatched = 0 WHERE id = ?", (event_id,))

@@ -11,6 +11,10 @@ over the runs (and the spread) of:
          must not wait for handlers; the backlog goes to SQLite)
 - noop:  a handler that returns at once; ack rate and the time until every
          event is delivered (end-to-end events/s)
+- backlog: --backlog events pile up behind hung handlers, then the handler is
+         fixed (hot reload) and the backlog drains; ack latency of --requests
+         posted during the drain, and the drain rate (claiming must not slow
+         down as the backlog grows)
 
 Traffic goes to 127.0.0.1 only and is bounded by --requests.
 """
@@ -35,6 +39,9 @@ SCRIPT = os.path.join(ROOT, "wabhook.py")
 HANDLERS = {
     "hung": "import time\n\ndef handle(event):\n    time.sleep(3600)\n",
     "noop": "def handle(event):\n    pass\n",
+    "backlog": "import os, time\n\ndef handle(event):\n"
+               "    while not os.path.exists(os.path.join(os.path.dirname(__file__), 'release')):\n"
+               "        time.sleep(0.05)\n",
 }
 
 
@@ -111,21 +118,40 @@ def delivered_count(db):
         connection.close()
 
 
-def run_scenario(name, requests, clients, run_id):
+def wait_delivered(db, count, timeout=300):
+    deadline = time.monotonic() + timeout
+    while delivered_count(db) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if delivered_count(db) < count:
+        raise SystemExit("only %d of %d events delivered within %d s" % (delivered_count(db), count, timeout))
+
+
+def run_backlog(tmp, port, requests, clients, run_id, backlog):
+    """Pile up `backlog` events, release the handler, and post `requests` more while it drains."""
+    post_all(port, backlog, clients, run_id + "-pile")
+    with open(os.path.join(tmp, "handlers", "message.py"), "w") as handle:
+        handle.write(HANDLERS["noop"])
+    open(os.path.join(tmp, "handlers", "release"), "w").close()
+    started = time.monotonic()
+    latencies, elapsed = post_all(port, requests, clients, run_id)
+    wait_delivered(os.path.join(tmp, "wabhook.db"), backlog + requests)
+    return {"p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
+            "max_ms": max(latencies) * 1000, "acks_per_s": requests / elapsed,
+            "drained_per_s": (backlog + requests) / (time.monotonic() - started)}
+
+
+def run_scenario(name, requests, clients, run_id, backlog=0):
     tmp = tempfile.mkdtemp(prefix="wabhook-bench-")
     process, port = start_server(tmp, HANDLERS[name])
     try:
+        if name == "backlog":
+            return run_backlog(tmp, port, requests, clients, run_id, backlog)
         started = time.monotonic()
         latencies, elapsed = post_all(port, requests, clients, run_id)
         result = {"p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
                   "max_ms": max(latencies) * 1000, "acks_per_s": requests / elapsed}
         if name == "noop":
-            db = os.path.join(tmp, "wabhook.db")
-            deadline = time.monotonic() + 120
-            while delivered_count(db) < requests and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if delivered_count(db) < requests:
-                raise SystemExit("only %d of %d events delivered within 120 s" % (delivered_count(db), requests))
+            wait_delivered(os.path.join(tmp, "wabhook.db"), requests)
             result["delivered_per_s"] = requests / (time.monotonic() - started)
         return result
     finally:
@@ -143,12 +169,14 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--backlog", type=int, default=20000, help="events piled up in the backlog scenario")
     parser.add_argument("--scenario", choices=sorted(HANDLERS), action="append")
     args = parser.parse_args()
     print("python %s, %d cores, %d requests x %d runs, %d keep-alive clients" % (
         sys.version.split()[0], os.cpu_count(), args.requests, args.runs, args.clients))
-    for name in args.scenario or ["hung", "noop"]:
-        runs = [run_scenario(name, args.requests, args.clients, "%s-%d" % (name, i)) for i in range(args.runs)]
+    for name in args.scenario or ["hung", "noop", "backlog"]:
+        runs = [run_scenario(name, args.requests, args.clients, "%s-%d" % (name, i), args.backlog)
+                for i in range(args.runs)]
         keys = list(runs[0])
         summary = ", ".join("%s %.2f (%.2f-%.2f)" % (key, statistics.median(r[key] for r in runs),
                                                      min(r[key] for r in runs), max(r[key] for r in runs))
