@@ -1399,7 +1399,7 @@ def check_handlers(folder: str) -> Tuple[List[str], List[Problem]]:
 
 RETRY_DELAY_CAP = 3600.0
 IDLE_POLL_SECONDS = 1.0     # other processes (the CLI's replay, a second server) are seen this fast
-PRUNE_EVERY_SECONDS = 600.0
+PRUNE_EVERY_SECONDS = 600.0  # at start, then this often (or every --retention, if shorter)
 
 
 def retry_delay(attempt: int, base: float, cap: float = RETRY_DELAY_CAP,
@@ -1490,7 +1490,8 @@ class Dispatcher:
     # -- the loop ----------------------------------------------------------
 
     def _loop(self) -> None:
-        last_upkeep, last_prune, failing = 0.0, time.monotonic(), False
+        last_upkeep, last_prune, failing = 0.0, float("-inf"), False
+        prune_every = min(PRUNE_EVERY_SECONDS, self.config.retention)
         while not self._stopping.is_set():
             self._wake.clear()
             now = time.monotonic()
@@ -1499,7 +1500,7 @@ class Dispatcher:
                     last_upkeep = now
                     self.inbox.renew_leases(self.owner)
                     self.inbox.recover_leases(self.config.retries, _owner_is_dead)
-                if now - last_prune >= PRUNE_EVERY_SECONDS:
+                if now - last_prune >= prune_every:
                     last_prune = now
                     pruned = self.inbox.prune(self.config.retention)
                     if pruned:

@@ -217,6 +217,17 @@ class ServerInboxTest(WabhookTestCase):
                            message="the identity to be forgotten")
         self.assertNotEqual(later["id"], first["id"])
 
+    def test_the_server_prunes_delivered_events_after_the_retention_and_keeps_dead_ones(self):
+        self.write_handler("message.py", "def handle(event):\n    pass\n")
+        self.write_handler("typing.py", "def handle(event):\n    raise RuntimeError('no')\n")
+        server = self.start_server(retention=1.0, retries=1)
+        delivered = self.post(server, MESSAGE)[1]["id"]
+        dead = self.post(server, {"event": "typing", "chat_id": "c1"})[1]["id"]
+        self.wait_status(dead, "dead")
+        wait_until(lambda: self.event_status(delivered) is None, message="the delivered event to be pruned")
+        self.assertEqual(self.query("SELECT COUNT(*) FROM deliveries WHERE event_id = ?", (delivered,)), [(0,)])
+        self.assertEqual(self.event_status(dead), "dead")
+
     def test_each_keyed_sample_is_a_duplicate_the_second_time_and_keyless_ones_are_not(self):
         server = self.start_server()
         keyed = {"message", "poll_vote", "event_response", "call_incoming", "call_terminated",
