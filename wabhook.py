@@ -611,6 +611,7 @@ ORDER BY event_id LIMIT ?2"""
 # How long a claimed delivery stays ours without renewal; the dispatcher renews
 # every third of it, so only a dead process loses its leases.
 LEASE_SECONDS = 30.0
+FAILED_COMMIT_MEMORY = 60.0
 FANOUT_BATCH = 500
 
 
@@ -656,6 +657,7 @@ class Inbox:
         self.path = path
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._failed_commit: Optional[Tuple[float, str]] = None  # (when, why) of the last event commit, if it failed
         self._reader: Optional[sqlite3.Connection] = None
         self._queue_lock = threading.Lock()
         self._queue: List[_PendingCommit] = []
@@ -755,9 +757,11 @@ class Inbox:
                     self._db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             error = InboxUnavailable("inbox %s cannot commit: %s" % (self.path, exc))
+            self._failed_commit = (time.monotonic(), str(error))
             for pending in batch:
                 pending.error, pending.done = error, True
             return
+        self._failed_commit = None
         for pending, result in zip(batch, results):
             pending.result, pending.done = result, True
 
@@ -951,7 +955,15 @@ class Inbox:
                 for status in statuses}
 
     def check_writable(self) -> None:
-        """Raise InboxUnavailable unless a write transaction can start now."""
+        """Raise InboxUnavailable unless a write transaction can start now and events are being stored.
+
+        An empty transaction succeeds on a full disk, so an event commit that
+        failed within FAILED_COMMIT_MEMORY seconds, with none stored since,
+        counts too.
+        """
+        failed = self._failed_commit
+        if failed is not None and time.monotonic() - failed[0] < FAILED_COMMIT_MEMORY:
+            raise InboxUnavailable(failed[1])
         with self._transaction():
             pass
 

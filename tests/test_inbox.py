@@ -312,6 +312,29 @@ class ServerInboxTest(WabhookTestCase):
         self.assertEqual((status, reply["duplicate"]), (200, False))  # the failed try left no dedup key behind
         self.assertEqual(self.query("SELECT id FROM events"), [(reply["id"],)])
 
+    def test_a_full_disk_answers_503_and_unhealthy_until_events_are_stored_again(self):
+        self.write_handler("typing.py", "def handle(event):\n    open(%r, 'a').write('%%d\\n' %% event.id)\n"
+                           % self.out_path("seen"))
+        server = self.start_server()
+        # SQLITE_FULL as a full disk gives it: the file may not grow past its current size.
+        with server.inbox._lock:  # the inbox's own writer connection, between two of its transactions
+            pages = server.inbox._db.execute("PRAGMA page_count").fetchone()[0]
+            server.inbox._db.execute("PRAGMA max_page_count = %d" % pages)
+        big = {"event": "typing", "chat_id": "c1", "pad": "x" * 200000}
+        status, _headers, data = self.request(server, "POST", "/hook", big)
+        self.assertEqual((status, json.loads(data)["error"]), (503, "inbox_unavailable"))
+        self.assertTrue(any("full" in m for m in self.log.messages() if "503" in m), self.log.messages())
+        status, _headers, data = self.request(server, "GET", "/healthz")
+        self.assertEqual((status, json.loads(data)["status"]), (503, "unavailable"))
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(0,)])
+
+        with server.inbox._lock:
+            server.inbox._db.execute("PRAGMA max_page_count = 1073741823")  # space again
+        status, reply = self.post(server, big)
+        self.assertEqual(status, 200, reply)
+        self.assertEqual(self.request(server, "GET", "/healthz")[0], 200)
+        wait_until(lambda: self.read_lines("seen") == [str(reply["id"])], message="the stored event delivered")
+
     def test_concurrent_posts_get_distinct_ids_all_stored(self):
         server = self.start_server()
         replies = {}
