@@ -44,6 +44,7 @@ import hmac
 import http.server
 import importlib.util
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -2186,7 +2187,14 @@ class Metrics:
 # 8. Server lifecycle
 # ---------------------------------------------------------------------------
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 class ServerError(Exception):
@@ -2268,7 +2276,7 @@ class Server:
         self._serve_thread.start()
         self.log.info("wabhook %s listening on %s (handlers: %s, inbox: %s)", __version__, self.url,
                       self.registry.folder, config.db)
-        if not config.token and config.host not in LOOPBACK_HOSTS:
+        if not config.token and not is_loopback(config.host):
             self.log.warning("no --token set while listening on %s: anyone who can reach this port can post"
                              " events; set --token and put ?token=... in the webhook URL", config.host)
         return self

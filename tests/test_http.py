@@ -22,6 +22,8 @@ import warnings
 
 from tests.support import WabhookTestCase, wait_until
 
+import wabhook
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TLS_CERT = os.path.join(FIXTURES, "tls-cert.pem")
 TLS_KEY = os.path.join(FIXTURES, "tls-key.pem")
@@ -618,6 +620,21 @@ class TokenTest(HttpTestCase):
             self.assertEqual(status, 200, data)
             self.assertTrue(headers["content-type"].startswith("text/plain"))
             self.assertIn(b'wabhook_requests_rejected_total{status="401"}', data)
+
+    def test_starting_without_a_token_warns_only_when_reachable_from_other_machines(self):
+        cases = [("0.0.0.0", None, True), ("0.0.0.0", TOKEN, False), ("127.0.0.1", None, False),
+                 ("127.0.0.2", None, False)]
+        for host, token, warns in cases:
+            with self.subTest(host=host, token=token):
+                mark = self.mark()
+                server = self.start_server(host=host, token=token)  # no traffic: only the start-up log is read
+                self.stop_server(server)
+                warnings_logged = [m for m in self.log.messages()[mark:] if "no --token" in m]
+                self.assertEqual(len(warnings_logged), 1 if warns else 0, warnings_logged)
+                if warns:
+                    self.assertIn("?token=", warnings_logged[0])  # it says what to do
+        self.assertTrue(wabhook.is_loopback("::1") and wabhook.is_loopback("localhost"))
+        self.assertFalse(wabhook.is_loopback("example.com") or wabhook.is_loopback("10.0.0.1"))
 
 
 class SignatureTest(HttpTestCase):
