@@ -253,6 +253,8 @@ def build_config(flags: Dict[str, object], environ: Dict[str, str]) -> Config:
 def validate_config(config: Config) -> None:
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if config.db in ("", ":memory:") or config.db.startswith("file::memory:"):
+        raise ConfigError("--db must be a file: the inbox must outlive the process")
     if config.path in ("/healthz", "/metrics"):
         raise ConfigError("--path %s collides with an operator endpoint" % config.path)
     if config.retry_delay <= 0 or config.script_timeout <= 0 or config.timeout <= 0:
@@ -581,17 +583,29 @@ DDL_INDEXES = (
     "CREATE INDEX IF NOT EXISTS events_by_status ON events(status, id)",
     "CREATE INDEX IF NOT EXISTS events_undispatched ON events(id) WHERE dispatched = 0",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_attempt_at)",
-    # Walks the lanes with pending work and finds each lane's oldest: claiming
-    # costs a few lookups per lane, not a scan of the whole backlog.
+    # For the three ways to find the lanes' heads (see HEAD_SCAN_ROWS).
     "DROP INDEX IF EXISTS deliveries_by_lane",
     "CREATE INDEX IF NOT EXISTS deliveries_lane_heads ON deliveries(status, lane, event_id)",
+    "CREATE INDEX IF NOT EXISTS deliveries_in_order ON deliveries(status, event_id)",
     "CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup(expires_at)",
 )
 
-# The oldest due delivery of each lane that has nothing running, oldest first:
-# a walk over the distinct lanes of pending deliveries (one index seek each),
-# so its cost grows with the number of busy chats, not with the backlog.
-CLAIMABLE_LANE_HEADS = """
+# Claiming asks for the oldest due delivery of each lane that has nothing
+# running, oldest first (a lane's head). Three ways give that same answer;
+# Inbox._claimable_heads() takes the cheapest for the backlog at hand:
+# - scan the oldest pending deliveries (HEAD_SCAN_ROWS at most): enough when
+#   the backlog's front holds `limit` idle lanes, as it does across many chats;
+# - DUE_LANE_HEADS groups the due deliveries: cheap when most of the backlog
+#   waits for a retry (a broken handler);
+# - WALKED_LANE_HEADS walks the distinct lanes, one index seek each: cheap
+#   when a few chats hold a deep backlog whose front lanes are running.
+HEAD_SCAN_ROWS = 256
+DUE_LANE_HEADS = """
+SELECT lane, MIN(event_id) FROM deliveries
+WHERE status = 'pending' AND next_attempt_at <= :now
+  AND lane NOT IN (SELECT lane FROM deliveries WHERE status = 'running')
+GROUP BY lane ORDER BY 2 LIMIT :limit"""
+WALKED_LANE_HEADS = """
 WITH RECURSIVE lanes(lane) AS (
     SELECT (SELECT MIN(lane) FROM deliveries WHERE status = 'pending')
     UNION ALL
@@ -600,18 +614,20 @@ WITH RECURSIVE lanes(lane) AS (
 ),
 heads(lane, event_id) AS (
     SELECT lane, (SELECT event_id FROM deliveries
-                  WHERE status = 'pending' AND lane = lanes.lane AND next_attempt_at <= ?1
+                  WHERE status = 'pending' AND lane = lanes.lane AND next_attempt_at <= :now
                   ORDER BY event_id LIMIT 1)
     FROM lanes WHERE lane IS NOT NULL
 )
 SELECT lane, event_id FROM heads
 WHERE event_id IS NOT NULL
   AND lane NOT IN (SELECT lane FROM deliveries WHERE status = 'running')
-ORDER BY event_id LIMIT ?2"""
+ORDER BY event_id LIMIT :limit"""
 
 # How long a claimed delivery stays ours without renewal; the dispatcher renews
 # every third of it, so only a dead process loses its leases.
 LEASE_SECONDS = 30.0
+# /healthz stays 503 this long after an event could not be stored (and none since):
+# long enough for a monitor polling every 30 s to see a full disk.
 FAILED_COMMIT_MEMORY = 60.0
 FANOUT_BATCH = 500
 
@@ -762,7 +778,8 @@ class Inbox:
             for pending in batch:
                 pending.error, pending.done = error, True
             return
-        self._failed_commit = None
+        if any(not duplicate for _event_id, duplicate in results):
+            self._failed_commit = None  # an event was stored: writes get through again
         for pending, result in zip(batch, results):
             pending.result, pending.done = result, True
 
@@ -797,8 +814,7 @@ class Inbox:
             self._fan_out(db, handlers_for, now)
             if limit <= 0:
                 return claims
-            lanes = db.execute(CLAIMABLE_LANE_HEADS, (now, limit)).fetchall()
-            for _lane, event_id in lanes:
+            for event_id in self._claimable_heads(db, now, limit):
                 # `+status`: look the event's rows up by its key, not by an index
                 # on status that would walk the whole backlog.
                 attempts = {handler: count + 1 for handler, count in db.execute(
@@ -813,6 +829,27 @@ class Inbox:
                     "SELECT event, bridge, body, received_at FROM events WHERE id = ?", (event_id,)).fetchone()
                 claims.append(Claim(event_id, event_type, bridge, body, received_at, sorted(attempts), attempts))
         return claims
+
+    @staticmethod
+    def _claimable_heads(db, now: float, limit: int) -> List[int]:
+        """The event ids to claim: the heads of up to `limit` idle lanes, oldest first."""
+        running = {lane for (lane,) in db.execute("SELECT DISTINCT lane FROM deliveries WHERE status = 'running'")}
+        front = db.execute("SELECT lane, event_id, next_attempt_at FROM deliveries WHERE status = 'pending'"
+                           " ORDER BY event_id LIMIT ?", (HEAD_SCAN_ROWS,)).fetchall()
+        heads: Dict[str, int] = {}
+        due = 0
+        for lane, event_id, next_attempt_at in front:
+            if next_attempt_at > now:
+                continue
+            due += 1
+            if lane not in running and lane not in heads:
+                heads[lane] = event_id  # the first due row of a lane, in id order, is its head
+                if len(heads) == limit:
+                    break
+        if len(heads) == limit or len(front) < HEAD_SCAN_ROWS:
+            return list(heads.values())  # the whole backlog was seen, or its front sufficed
+        query = DUE_LANE_HEADS if due * 2 < len(front) else WALKED_LANE_HEADS
+        return [event_id for _lane, event_id in db.execute(query, {"now": now, "limit": limit})]
 
     def _fan_out(self, db, handlers_for, now):
         rows = db.execute("SELECT id, event, lane FROM events WHERE dispatched = 0 ORDER BY id LIMIT ?",
@@ -1412,7 +1449,7 @@ def check_handlers(folder: str) -> Tuple[List[str], List[Problem]]:
 
 RETRY_DELAY_CAP = 3600.0
 IDLE_POLL_SECONDS = 1.0     # other processes (the CLI's replay, a second server) are seen this fast
-PRUNE_EVERY_SECONDS = 600.0  # at start, then this often (or every --retention, if shorter)
+PRUNE_EVERY_SECONDS = 600.0  # at start, then this often (or every --retention if shorter, at most every second)
 
 
 def retry_delay(attempt: int, base: float, cap: float = RETRY_DELAY_CAP,
@@ -1504,7 +1541,7 @@ class Dispatcher:
 
     def _loop(self) -> None:
         last_upkeep, last_prune, failing = 0.0, float("-inf"), False
-        prune_every = min(PRUNE_EVERY_SECONDS, self.config.retention)
+        prune_every = max(1.0, min(PRUNE_EVERY_SECONDS, self.config.retention))
         while not self._stopping.is_set():
             self._wake.clear()
             now = time.monotonic()
@@ -1581,12 +1618,19 @@ class Dispatcher:
                     return  # abandoned by the watchdog: a replacement took our place
             except Exception:
                 # A bug of ours, not a handler's (those are caught per run): log it,
-                # give the unfinished deliveries back, and keep the worker alive.
-                self.log.exception("worker %d failed while running event %d", worker_id, claim.event_id)
+                # fail the unfinished deliveries like a handler failure, keep the worker.
+                error = "wabhook failed while running it:\n" + traceback.format_exc()
+                self.log.error("worker %d failed while running event %d:\n%s", worker_id, claim.event_id, error)
                 with self._idle:
                     self._runs.pop(worker_id, None)
-                with contextlib.suppress(InboxUnavailable):
-                    self.inbox.release_leases(self.owner, claim.event_id, claim.handlers)
+                for handler in claim.handlers:  # counted and backed off, so a lasting bug cannot spin
+                    attempt = claim.attempts.get(handler, 1)
+                    with contextlib.suppress(Exception):  # record_outcome skips runs already recorded
+                        self.inbox.record_outcome(
+                            claim.event_id, handler, self.owner,
+                            "dead" if attempt >= self.config.retries else "pending",
+                            error,
+                            time.time() + retry_delay(attempt, self.config.retry_delay))
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
@@ -1898,7 +1942,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.server.app.metrics.rejected(code)
         if self.command != "HEAD" and code >= 200 and code not in (204, 304):
             self.send_json(code, {"ok": False, "error": error.code, "message": error.message}, close=True)
-        self._log_access(getattr(self, "path", None) or "-", code)
+        # `path` may be the previous request's on a keep-alive connection: trust it with `command` only.
+        self._log_access((getattr(self, "path", None) if self.command else None) or "-", code)
 
     def __getattr__(self, name):
         # The standard library answers 501 to a method without a do_<METHOD>; every

@@ -376,6 +376,7 @@ class UsageAndConfigErrorTest(CliTestCase):
             (["--max-body", "lots"], {}, "--max-body"), (["--log-format", "xml"], {}, "--log-format"),
             (["--log-level", "loud"], {}, "--log-level"), (["--path", "no-slash"], {}, "--path"),
             (["--tls-cert", "cert.pem"], {}, "--tls-key"), (["--path", "/healthz"], {}, "--path"),
+            (["--db", ":memory:"], {}, "--db"),
             ([], {"WABHOOK_RETRIES": "many"}, "WABHOOK_RETRIES"),
             ([], {"WABHOOK_ACCESS_LOG": "perhaps"}, "WABHOOK_ACCESS_LOG"),
         ]

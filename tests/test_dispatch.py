@@ -192,6 +192,25 @@ class RetryTest(DispatchTestCase):
         self.assertTrue(all(getattr(record, "event_id", None) == event_id for record in failures))
 
 
+    def test_a_failure_of_wabhook_itself_counts_as_an_attempt_and_cannot_spin(self):
+        self.write_handler("message.py", "def handle(event):\n    open(%r, 'a').write('run\\n')\n"
+                           % self.out_path("runs"))
+        server = self.start_server(retries=2)
+
+        def broken_bookkeeping(*args):
+            raise RuntimeError("a bug in wabhook's bookkeeping")
+        server.metrics.handler_run = broken_bookkeeping
+        event_id = self.post_id(server, message())
+        self.wait_status(event_id, "dead")
+        status, attempts, error = self.deliveries(event_id)["message.py"]
+        self.assertEqual((status, attempts), ("dead", 2))
+        self.assertIn("a bug in wabhook's bookkeeping", error)
+        self.assertEqual(self.count_lines("runs"), 2)
+        server.metrics.handler_run = wabhook.Metrics().handler_run  # the workers are still alive
+        later = self.post_id(server, message(message_id="m2"))
+        self.wait_status(later, "done")
+
+
 class BackoffScheduleTest(DispatchTestCase):
     def test_every_delay_is_within_a_quarter_of_the_capped_doubling(self):
         rng = random.Random(20261124)

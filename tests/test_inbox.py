@@ -6,6 +6,7 @@ under concurrency, two processes sharing one file, and acknowledged events survi
 import http.client
 import json
 import os
+import random
 import signal
 import sqlite3
 import threading
@@ -195,6 +196,49 @@ class InboxFileTest(WabhookTestCase):
         self.assertNotIn("Traceback", result.stderr)
 
 
+class LaneHeadsTest(WabhookTestCase):
+    """Each way of finding the lanes' heads gives what the definition says, on random backlogs."""
+
+    @staticmethod
+    def expected_heads(rows, now, limit):
+        """By definition: per lane with nothing running, its oldest due pending event; oldest lanes first."""
+        running = {lane for _event_id, _handler, lane, status, _due in rows if status == "running"}
+        heads = {}
+        for event_id, _handler, lane, status, due in rows:
+            if status == "pending" and due <= now and lane not in running:
+                heads[lane] = min(event_id, heads.get(lane, event_id))
+        return sorted(heads.values())[:limit]
+
+    def test_every_way_to_the_lane_heads_agrees_with_the_definition(self):
+        inbox = wabhook.Inbox(self.db)
+        self.addCleanup(inbox.close)
+        db = inbox._db
+        original_scan = wabhook.HEAD_SCAN_ROWS
+        self.addCleanup(setattr, wabhook, "HEAD_SCAN_ROWS", original_scan)
+        for trial in range(150):
+            rng = random.Random(trial)
+            lanes = ["", "a", "b", "c:1", "B", "\u00e9", "10", "9"][:rng.randint(1, 8)]
+            rows = []
+            for event_id in range(1, rng.randint(0, 40) + 1):
+                lane = rng.choice(lanes)
+                for handler in rng.sample(["h1", "h2", "h3"], rng.randint(1, 3)):
+                    rows.append((event_id, handler, lane, rng.choice(["pending", "pending", "running", "done", "dead"]),
+                                 rng.choice([0, 5, 10, 15, 20])))
+            db.execute("DELETE FROM deliveries")
+            db.executemany("INSERT INTO deliveries (event_id, handler, lane, status, next_attempt_at)"
+                           " VALUES (?, ?, ?, ?, ?)", rows)
+            for now in (0, 4, 10, 25):
+                for limit in (1, 2, 3, 8):
+                    expected = self.expected_heads(rows, now, limit)
+                    params = {"now": now, "limit": limit}
+                    for query in (wabhook.DUE_LANE_HEADS, wabhook.WALKED_LANE_HEADS):
+                        self.assertEqual([row[1] for row in db.execute(query, params)], expected, (trial, now, limit))
+                    for scan_rows in (2, 5, 256):  # small scans force the fallbacks
+                        wabhook.HEAD_SCAN_ROWS = scan_rows
+                        self.assertEqual(wabhook.Inbox._claimable_heads(db, now, limit), expected,
+                                         (trial, now, limit, scan_rows))
+
+
 class ServerInboxTest(WabhookTestCase):
     """The inbox behind a real server."""
 
@@ -316,6 +360,7 @@ class ServerInboxTest(WabhookTestCase):
         self.write_handler("typing.py", "def handle(event):\n    open(%r, 'a').write('%%d\\n' %% event.id)\n"
                            % self.out_path("seen"))
         server = self.start_server()
+        stored = self.post(server, MESSAGE)[1]
         # SQLITE_FULL as a full disk gives it: the file may not grow past its current size.
         with server.inbox._lock:  # the inbox's own writer connection, between two of its transactions
             pages = server.inbox._db.execute("PRAGMA page_count").fetchone()[0]
@@ -326,7 +371,10 @@ class ServerInboxTest(WabhookTestCase):
         self.assertTrue(any("full" in m for m in self.log.messages() if "503" in m), self.log.messages())
         status, _headers, data = self.request(server, "GET", "/healthz")
         self.assertEqual((status, json.loads(data)["status"]), (503, "unavailable"))
-        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(0,)])
+        # A duplicate needs no space: it is acknowledged, and says nothing about the disk.
+        self.assertEqual(self.post(server, MESSAGE), (200, dict(stored, duplicate=True)))
+        self.assertEqual(self.request(server, "GET", "/healthz")[0], 503)
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(1,)])
 
         with server.inbox._lock:
             server.inbox._db.execute("PRAGMA max_page_count = 1073741823")  # space again
