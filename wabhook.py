@@ -679,8 +679,7 @@ class Inbox:
         self._queue_lock = threading.Lock()
         self._queue: List[_PendingCommit] = []
         try:
-            self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                                       check_same_thread=False)
+            self._db = self._connect(busy_timeout)
         except sqlite3.Error as exc:
             raise InboxUnavailable("cannot open the inbox %s: %s (check that its folder exists and is writable,"
                                    " or pass --db)" % (path, exc)) from None
@@ -691,13 +690,16 @@ class Inbox:
             # commits switch to FULL: a 200 must survive power loss too.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
-            self._reader = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                                           check_same_thread=False)
-        except (sqlite3.Error, InboxUnavailable) as exc:
+            self._reader = self._connect(busy_timeout)
+        except sqlite3.Error as exc:
             self._db.close()
-            if isinstance(exc, InboxUnavailable):
-                raise
             raise InboxUnavailable("cannot open the inbox %s: %s" % (path, exc)) from None
+        except InboxUnavailable:
+            self._db.close()
+            raise
+
+    def _connect(self, busy_timeout: float) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
 
     def close(self):
         with self._lock, self._read_lock:
@@ -1617,24 +1619,24 @@ class Dispatcher:
                 if self._run_claim(worker_id, claim):
                     return  # abandoned by the watchdog: a replacement took our place
             except Exception:
-                # A bug of ours, not a handler's (those are caught per run): log it,
-                # fail the unfinished deliveries like a handler failure, keep the worker.
-                error = "wabhook failed while running it:\n" + traceback.format_exc()
-                self.log.error("worker %d failed while running event %d:\n%s", worker_id, claim.event_id, error)
+                # A bug of ours, not a handler's (those are caught per run): the worker lives on.
                 with self._idle:
                     self._runs.pop(worker_id, None)
-                for handler in claim.handlers:  # counted and backed off, so a lasting bug cannot spin
-                    attempt = claim.attempts.get(handler, 1)
-                    with contextlib.suppress(Exception):  # record_outcome skips runs already recorded
-                        self.inbox.record_outcome(
-                            claim.event_id, handler, self.owner,
-                            "dead" if attempt >= self.config.retries else "pending",
-                            error,
-                            time.time() + retry_delay(attempt, self.config.retry_delay))
+                self._fail_claim(claim, "wabhook failed while running it:\n" + traceback.format_exc())
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
             self._wake.set()
+
+    def _fail_claim(self, claim: Claim, error: str) -> None:
+        """Record the claim's unfinished runs as failed, so a lasting bug is retried with backoff, not spun."""
+        self.log.error("failed while running event %d:\n%s", claim.event_id, error)
+        for handler in claim.handlers:
+            attempt = claim.attempts.get(handler, 1)
+            with contextlib.suppress(Exception):  # record_outcome skips runs already recorded
+                self.inbox.record_outcome(claim.event_id, handler, self.owner,
+                                          "dead" if attempt >= self.config.retries else "pending", error,
+                                          time.time() + retry_delay(attempt, self.config.retry_delay))
 
     def _run_claim(self, worker_id: int, claim: Claim) -> bool:
         """Run every handler of a claim in turn; True if the watchdog abandoned this thread."""

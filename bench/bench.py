@@ -70,7 +70,7 @@ def start_server(tmp, handler_source, extra_args=()):
     raise SystemExit("server did not start:\n" + open(log_path).read())
 
 
-def post_all(port, requests, clients, run_id):
+def post_all(port, requests, clients, run_id, chats=50):
     latencies = []
     lock = threading.Lock()
     errors = []
@@ -80,7 +80,7 @@ def post_all(port, requests, clients, run_id):
         mine = []
         for n in range(index, requests, clients):
             body = json.dumps({"event": "message", "message_id": "bench-%s-%d" % (run_id, n),
-                               "chat_id": "chat-%d@s.whatsapp.net" % (n % 50), "name": "Bench",
+                               "chat_id": "chat-%d@s.whatsapp.net" % (n % chats), "name": "Bench",
                                "body": "hello %d" % n, "from_me": False, "timestamp": 1777180605})
             started = time.perf_counter()
             connection.request("POST", "/hook", body, {"Content-Type": "application/json"})
@@ -126,28 +126,28 @@ def wait_delivered(db, count, timeout=300):
         raise SystemExit("only %d of %d events delivered within %d s" % (delivered_count(db), count, timeout))
 
 
-def run_backlog(tmp, port, requests, clients, run_id, backlog):
+def run_backlog(tmp, port, requests, clients, run_id, backlog, chats):
     """Pile up `backlog` events, release the handler, and post `requests` more while it drains."""
-    post_all(port, backlog, clients, run_id + "-pile")
+    post_all(port, backlog, clients, run_id + "-pile", chats)
     with open(os.path.join(tmp, "handlers", "message.py"), "w") as handle:
         handle.write(HANDLERS["noop"])
     open(os.path.join(tmp, "handlers", "release"), "w").close()
     started = time.monotonic()
-    latencies, elapsed = post_all(port, requests, clients, run_id)
+    latencies, elapsed = post_all(port, requests, clients, run_id, chats)
     wait_delivered(os.path.join(tmp, "wabhook.db"), backlog + requests)
     return {"p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
             "max_ms": max(latencies) * 1000, "acks_per_s": requests / elapsed,
             "drained_per_s": (backlog + requests) / (time.monotonic() - started)}
 
 
-def run_scenario(name, requests, clients, run_id, backlog=0):
+def run_scenario(name, requests, clients, run_id, backlog=0, chats=50):
     tmp = tempfile.mkdtemp(prefix="wabhook-bench-")
     process, port = start_server(tmp, HANDLERS[name])
     try:
         if name == "backlog":
-            return run_backlog(tmp, port, requests, clients, run_id, backlog)
+            return run_backlog(tmp, port, requests, clients, run_id, backlog, chats)
         started = time.monotonic()
-        latencies, elapsed = post_all(port, requests, clients, run_id)
+        latencies, elapsed = post_all(port, requests, clients, run_id, chats)
         result = {"p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
                   "max_ms": max(latencies) * 1000, "acks_per_s": requests / elapsed}
         if name == "noop":
@@ -170,12 +170,13 @@ def main():
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--backlog", type=int, default=20000, help="events piled up in the backlog scenario")
+    parser.add_argument("--chats", type=int, default=50, help="chats the events are spread over")
     parser.add_argument("--scenario", choices=sorted(HANDLERS), action="append")
     args = parser.parse_args()
-    print("python %s, %d cores, %d requests x %d runs, %d keep-alive clients" % (
-        sys.version.split()[0], os.cpu_count(), args.requests, args.runs, args.clients))
+    print("python %s, %d cores, %d requests x %d runs, %d keep-alive clients, %d chats" % (
+        sys.version.split()[0], os.cpu_count(), args.requests, args.runs, args.clients, args.chats))
     for name in args.scenario or ["hung", "noop", "backlog"]:
-        runs = [run_scenario(name, args.requests, args.clients, "%s-%d" % (name, i), args.backlog)
+        runs = [run_scenario(name, args.requests, args.clients, "%s-%d" % (name, i), args.backlog, args.chats)
                 for i in range(args.runs)]
         keys = list(runs[0])
         summary = ", ".join("%s %.2f (%.2f-%.2f)" % (key, statistics.median(r[key] for r in runs),

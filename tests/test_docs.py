@@ -156,8 +156,8 @@ class ReadmeTest(WabhookTestCase):
             with self.subTest(command=command):
                 self.assertRegex(commands, r"\| `(python wabhook\.py \[flags\]`, `)?%s\b" % command)
         endpoints = section(self.readme, "Endpoints")
-        for endpoint, method in (("/hook", "POST"), ("/hook/<bridge>", "POST"), ("/healthz", "GET"),
-                                 ("/metrics", "GET")):
+        for endpoint, method in (("/hook", "POST"), ("/hook/<bridge>", "POST"), ("/healthz", "GET, HEAD"),
+                                 ("/metrics", "GET, HEAD")):
             with self.subTest(endpoint=endpoint):
                 self.assertRegex(endpoints, r"\| `%s`[^|]*\| %s \|" % (re.escape(endpoint), method))
 

@@ -258,7 +258,7 @@ echo $! > "%(tmp)s/child.pid.tmp" && mv "%(tmp)s/child.pid.tmp" "%(tmp)s/child.p
 echo $$ > "%(tmp)s/script.pid.tmp" && mv "%(tmp)s/script.pid.tmp" "%(tmp)s/script.pid"
 sleep 300
 ''' % {"tmp": self.tmp})
-        server = self.start_server(script_timeout=1, retries=1)
+        server = self.start_server(script_timeout=2, retries=1)
         event_id = self.post_ok(server, SAMPLE)
         wait_until(lambda: self.read_lines("child.pid") and self.read_lines("script.pid"),
                    message="the script to start its background child")
