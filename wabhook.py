@@ -1125,10 +1125,7 @@ class ScriptHandler:
     def run(self, event: Event, body: str, log: logging.Logger) -> None:
         env = dict(os.environ, WABHOOK_EVENT=event.event, WABHOOK_ID=str(event.id),
                    WABHOOK_BRIDGE=event.bridge or "")
-        # No shell: the path is ours, the payload goes through stdin only.
-        process = subprocess.Popen([self.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, cwd=os.path.dirname(self.path),
-                                   env=env, start_new_session=True)
+        process = self._start(env)
         self.processes.add(process)
         output = _OutputReader(process.stdout)
         feeder = threading.Thread(target=_feed_stdin, args=(process.stdin, body.encode("utf-8")), daemon=True)
@@ -1157,6 +1154,22 @@ class ScriptHandler:
         if process.returncode != 0:
             tail = text.strip().splitlines()[-1:] if text.strip() else []
             raise HandlerFailed("exit status %d%s" % (process.returncode, (": " + tail[0][:500]) if tail else ""))
+
+
+    def _start(self, env: Dict[str, str]) -> subprocess.Popen:
+        """The script's process; a save or `git pull` in progress is waited out (up to SETTLE_SECONDS)."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            try:
+                # No shell: the path is ours, the payload goes through stdin only.
+                return subprocess.Popen([self.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, cwd=os.path.dirname(self.path),
+                                        env=env, start_new_session=True)
+            except OSError as exc:
+                # ENOENT: replaced by a rename or checkout just now; ETXTBSY: still open for writing.
+                if exc.errno not in (errno.ENOENT, errno.ETXTBSY) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
 
 
 def _feed_stdin(pipe, data: bytes):

@@ -251,6 +251,23 @@ with open(os.path.join(%(tmp)r, "py-" + os.environ["WABHOOK_ID"]), "w") as out:
                          ["message.sh | starting", "message.sh | could not reach the CRM"])
         self.assertEqual([r.event_id for r in self.handler_records("message.sh")], [event_id, event_id])
 
+    def test_a_script_still_being_written_is_waited_for_not_failed(self):
+        server = self.start_server()
+        path = os.path.join(self.handlers, "message.sh")
+        writer = open(path, "w")  # an editor or `git pull` still holding the file: exec() says ETXTBSY
+        self.addCleanup(writer.close)
+        writer.write("#!/bin/sh\necho ran > %s\n" % self.out_path("ran"))
+        writer.flush()
+        os.chmod(path, 0o755)
+        event_id = self.post_ok(server, SAMPLE)
+        # The writer finishes a moment later, as a save does.
+        closer = threading.Timer(0.3, writer.close)
+        closer.start()
+        self.addCleanup(closer.cancel)
+        self.wait_status(event_id, "done")
+        self.assertEqual(self.deliveries(event_id)["message.sh"][:2], ("done", 1))  # no failed attempt
+        self.assertEqual(self.read_lines("ran"), ["ran"])
+
     def test_timeout_kills_the_scripts_whole_process_group(self):
         self.write_handler("message.sh", '''#!/bin/sh
 sleep 300 &
