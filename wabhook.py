@@ -584,7 +584,6 @@ DDL_INDEXES = (
     "CREATE INDEX IF NOT EXISTS events_undispatched ON events(id) WHERE dispatched = 0",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_attempt_at)",
     # For the three ways to find the lanes' heads (see HEAD_SCAN_ROWS).
-    "DROP INDEX IF EXISTS deliveries_by_lane",
     "CREATE INDEX IF NOT EXISTS deliveries_lane_heads ON deliveries(status, lane, event_id)",
     "CREATE INDEX IF NOT EXISTS deliveries_in_order ON deliveries(status, event_id)",
     "CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup(expires_at)",
