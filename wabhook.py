@@ -34,6 +34,7 @@ Handlers import the event types from here: `from wabhook import MessageEvent`.
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -43,7 +44,6 @@ import hashlib
 import hmac
 import http
 import importlib.util
-import io
 import ipaddress
 import json
 import logging
@@ -53,8 +53,8 @@ import random
 import re
 import secrets
 import signal
+import selectors
 import socket
-import socketserver
 import sqlite3
 import ssl
 import subprocess
@@ -656,39 +656,47 @@ class Claim:
 class _Write:
     """One unit of work for the inbox's writer: a function of the connection, and its result.
 
-    Its thread waits on `wakeup` (a lock held until then), which is released
-    once the work is committed, or when the thread is to lead the next batch.
+    Its thread waits on `wakeup` (a lock held until then), released once the
+    work is committed; or `on_done` is called then, for a caller that may not wait.
     """
 
-    __slots__ = ("apply", "event", "done", "result", "error", "wakeup")
+    __slots__ = ("apply", "event", "done", "result", "error", "wakeup", "on_done")
 
-    def __init__(self, apply: Optional[Callable[[sqlite3.Connection], object]], event: Optional[tuple]):
+    def __init__(self, apply: Optional[Callable[[sqlite3.Connection], object]], event: Optional[tuple],
+                 on_done: Optional[Callable[[object, Optional[Exception]], None]] = None):
         self.apply, self.event = apply, event  # `event`: the columns of an event to store (see _insert_events)
         self.done, self.result, self.error = False, None, None
+        self.on_done = on_done  # called in the writer's thread; else a thread waits on `wakeup`
         self.wakeup = threading.Lock()
         self.wakeup.acquire()
+
+    def finish(self) -> None:
+        if self.on_done is not None:
+            self.on_done(self.result, self.error)
+        else:
+            self.wakeup.release()
 
 
 class Inbox:
     """The SQLite file: events, dedup keys and per-handler delivery state.
 
-    Every write of this process goes through _write(): one connection, explicit
-    BEGIN IMMEDIATE transactions, and group commit. A thread that finds no
-    commit in progress leads: it takes everything queued (events to store,
-    outcomes to record, claims), commits it in one transaction, wakes exactly
-    the threads whose work that was, and hands the lead to the oldest thread
-    still waiting. A burst of acks and the delivery bookkeeping that runs
-    meanwhile cost one fsync, and no thread is woken only to wait again.
+    Every write of this process goes through _write() to one writer thread:
+    one connection, explicit BEGIN IMMEDIATE transactions, and group commit.
+    The writer takes everything queued (events to store, outcomes to record,
+    claims), commits it in one transaction, and wakes exactly the threads
+    whose work that was (or calls back the HTTP front). A burst of acks and
+    the delivery bookkeeping that runs meanwhile cost one fsync.
     Reads (counts, listings) use a second connection: in WAL mode they never
     wait for a write, and a slow count never holds up an ack.
     """
 
     def __init__(self, path: str, busy_timeout: float = 2.0):
         self.path = path
-        self._lock = threading.Lock()           # held by the leader while it commits a batch
-        self._queue_lock = threading.Lock()     # guards _queue and _leading
+        self._lock = threading.Lock()           # held by the writer while it commits a batch
+        self._queued = threading.Condition(threading.Lock())  # guards _queue and _closing
         self._queue: List[_Write] = []
-        self._leading = False
+        self._closing = False
+        self._writer: Optional[threading.Thread] = None
         self._read_lock = threading.Lock()
         self._failed_commit: Optional[Tuple[float, str]] = None  # (when, why) of the last event commit, if it failed
         self._reader: Optional[sqlite3.Connection] = None
@@ -698,24 +706,33 @@ class Inbox:
         except sqlite3.Error as exc:
             raise InboxUnavailable("cannot open the inbox %s: %s (check that its folder exists and is writable,"
                                    " or pass --db)" % (path, exc)) from None
+        self._writer = threading.Thread(target=self._write_batches, name="wabhook-inbox-writer", daemon=True)
+        self._writer.start()
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._migrate()
             self._reader = self._connect(busy_timeout)
         except sqlite3.Error as exc:
-            self._db.close()
+            self.close()
             raise InboxUnavailable("cannot open the inbox %s: %s" % (path, exc)) from None
         except InboxUnavailable:
-            self._db.close()
+            self.close()
             raise
 
     def _connect(self, busy_timeout: float) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
 
     def close(self):
+        """Commit what is queued, stop the writer, close the file."""
+        with self._queued:
+            self._closing = True
+            self._queued.notify()
+        if self._writer is not None and self._writer is not threading.current_thread():
+            self._writer.join()
         with self._lock, self._read_lock:
             self._db.close()
-            self._reader.close()
+            if self._reader is not None:
+                self._reader.close()
 
     def _migrate(self):
         def migrate(db):
@@ -738,35 +755,39 @@ class Inbox:
         delivery bookkeeping alone commits without fsync (a lost outcome only
         re-runs a handler). Raises InboxUnavailable when it cannot commit.
         """
-        work = _Write(apply, event)
-        with self._queue_lock:
-            self._queue.append(work)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            work.wakeup.acquire()  # done, or handed the lead
-        if not work.done:
-            self._lead()
+        work = self._enqueue(_Write(apply, event))
+        work.wakeup.acquire()
         if work.error is not None:
             raise work.error
         return work.result
 
-    def _lead(self) -> None:
-        """Commit everything queued, wake its threads, and hand the lead on (or give it up)."""
-        with self._queue_lock:
-            batch, self._queue = self._queue, []
-        try:
-            self._commit(batch)
-        finally:
-            for work in batch:
-                if not work.done:  # only if _commit itself failed
-                    work.error, work.done = InboxUnavailable("inbox %s: the write was not made" % self.path), True
-                work.wakeup.release()
-            with self._queue_lock:
-                if self._queue:
-                    self._queue[0].wakeup.release()  # the oldest waiter leads the next batch
-                else:
-                    self._leading = False
+    def _enqueue(self, work: _Write) -> _Write:
+        with self._queued:
+            if self._closing:
+                work.error, work.done = InboxUnavailable("inbox %s is closed" % self.path), True
+                work.finish()
+                return work
+            self._queue.append(work)
+            if len(self._queue) == 1:
+                self._queued.notify()
+        return work
+
+    def _write_batches(self) -> None:
+        """The writer thread: commit whatever is queued, as one batch, until closed."""
+        while True:
+            with self._queued:
+                while not self._queue and not self._closing:
+                    self._queued.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            try:
+                self._commit(batch)
+            finally:
+                for work in batch:
+                    if not work.done:  # only if _commit itself failed
+                        work.error, work.done = InboxUnavailable("inbox %s: the write was not made" % self.path), True
+                    work.finish()
 
     def _commit(self, batch: List[_Write]) -> None:
         """Apply a batch in one transaction. Work that raises is taken out and the rest committed again."""
@@ -814,6 +835,8 @@ class Inbox:
             return current
         for work, result in done:
             work.result, work.done = result, True
+        if any(not work.result[1] for work in events):
+            self._failed_commit = None  # an event was stored: writes get through again
         return []
 
     def _set_synchronous(self, mode: str) -> None:
@@ -833,10 +856,13 @@ class Inbox:
     def commit_event(self, body: str, event_type: str, bridge: Optional[str], lane: str,
                      dedup_key: Optional[str], dedup_ttl: float) -> Tuple[int, bool]:
         """Store one event durably; (inbox id, duplicate). Returns only after COMMIT."""
-        event_id, duplicate = self._write(event=(body, event_type, bridge, lane, dedup_key, dedup_ttl))
-        if not duplicate:
-            self._failed_commit = None  # an event was stored: writes get through again
-        return event_id, duplicate
+        return self._write(event=(body, event_type, bridge, lane, dedup_key, dedup_ttl))
+
+    def submit_event(self, body: str, event_type: str, bridge: Optional[str], lane: str,
+                     dedup_key: Optional[str], dedup_ttl: float,
+                     on_done: Callable[[Optional[Tuple[int, bool]], Optional[Exception]], None]) -> None:
+        """commit_event() without waiting: on_done(result, error) is called after COMMIT, in the writer's thread."""
+        self._enqueue(_Write(None, (body, event_type, bridge, lane, dedup_key, dedup_ttl), on_done))
 
     @staticmethod
     def _insert_events(db, now: float, events: List[tuple]) -> List[Tuple[int, bool]]:
@@ -2099,88 +2125,89 @@ def parse_head(head: bytes) -> Request:
     return Request(method.decode("ascii"), target.decode("latin-1"), headers, keep_alive)
 
 
-class _Reader:
-    """Buffered reads from one connection, each bounded by a deadline (slow clients are cut off).
+class _ChunkedBody:
+    """Decodes a chunked body as its bytes arrive: feed() takes what it can from the buffer."""
 
-    The socket keeps one timeout (--timeout) for its whole life: settimeout()
-    costs system calls and a GIL round trip, which per read halved the
-    request rate. So a read may wait one timeout past the deadline, and a
-    client trickling bytes is cut off within twice --timeout.
-    """
+    __slots__ = ("limit", "parts", "total", "state", "remaining")
 
-    __slots__ = ("sock", "buffer")
+    def __init__(self, limit: int):
+        self.limit, self.parts, self.total, self.state, self.remaining = limit, [], 0, "size", 0
 
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buffer = sock, bytearray()
-
-    def _fill(self, deadline: float) -> bool:
-        """Receive more; False when the peer closed. socket.timeout once `deadline` has passed."""
-        if time.monotonic() > deadline:
-            raise socket.timeout("deadline passed")
-        data = self.sock.recv(READ_CHUNK)
-        self.buffer += data
-        return bool(data)
-
-    def head(self, deadline: float) -> Optional[bytes]:
-        """The next request head, or None if the peer closed between requests.
-
-        Empty lines before a request line are skipped (RFC 9112 §2.2), and a
-        head that grows past MAX_HEAD is refused before it is all read.
-        """
-        buffer = self.buffer
+    def feed(self, buffer: bytearray) -> Optional[bytes]:
+        """The whole body once its last chunk and trailer are in; None while more is needed."""
         while True:
-            while buffer[:1] in (b"\r", b"\n") and buffer:
-                del buffer[:1]
-            end, separator = buffer.find(b"\n\r\n"), 3
-            bare = buffer.find(b"\n\n")
-            if bare >= 0 and (end < 0 or bare < end):
-                end, separator = bare, 2  # a client that ends lines with LF only
-            if end >= 0:
-                head = bytes(buffer[:end])
-                del buffer[:end + separator]
-                return head
-            if len(buffer) > MAX_HEAD:
-                newline = buffer.find(b"\n")
-                if newline < 0 or newline > MAX_REQUEST_LINE:
-                    raise URITooLong("http_414", "the request line is over %d bytes" % MAX_REQUEST_LINE,
-                                     close=True)
-                raise HeadersTooLarge("http_431", "the request head is over %d bytes" % MAX_HEAD, close=True)
-            if not self._fill(deadline):
-                if buffer:
-                    raise _ClosedMidRequest()
-                return None
+            if self.state == "data":
+                piece = bytes(buffer[:self.remaining])
+                del buffer[:len(piece)]
+                self.parts.append(piece)
+                self.remaining -= len(piece)
+                if self.remaining:
+                    return None
+                self.state = "crlf"
+            elif self.state == "crlf":
+                if len(buffer) < 2:
+                    return None
+                if buffer[:2] != b"\r\n":
+                    raise BadRequest("bad_chunk", "a chunk does not end with CRLF", close=True)
+                del buffer[:2]
+                self.state = "size"
+            else:
+                line = self._line(buffer)
+                if line is None:
+                    return None
+                if self.state == "trailer":
+                    if not line.strip():  # trailer fields are ignored
+                        return b"".join(self.parts)
+                    continue
+                self._start_chunk(line)
 
-    def exact(self, length: int, deadline: float) -> bytes:
-        """`length` bytes of body."""
-        while len(self.buffer) < length:
-            self._fill_body(deadline)
-        data = bytes(self.buffer[:length])
-        del self.buffer[:length]
-        return data
-
-    def line(self, deadline: float) -> bytes:
-        """One line of a chunked body (chunk size, trailer), CRLF included."""
-        while True:
-            newline = self.buffer.find(b"\n", 0, CHUNK_LINE_LIMIT + 1)
-            if newline >= 0:
-                line = bytes(self.buffer[:newline + 1])
-                del self.buffer[:newline + 1]
-                return line
-            if len(self.buffer) > CHUNK_LINE_LIMIT:
+    @staticmethod
+    def _line(buffer: bytearray) -> Optional[bytes]:
+        newline = buffer.find(b"\n", 0, CHUNK_LINE_LIMIT + 1)
+        if newline < 0:
+            if len(buffer) > CHUNK_LINE_LIMIT:
                 raise BadRequest("bad_chunk", "a chunk header line is too long", close=True)
-            self._fill_body(deadline)
+            return None
+        line = bytes(buffer[:newline + 1])
+        del buffer[:newline + 1]
+        return line
 
-    def _fill_body(self, deadline: float) -> None:
-        try:
-            received = self._fill(deadline)
-        except socket.timeout:
-            raise RequestTimeout("body_timeout", "the body did not arrive within the timeout", close=True) from None
-        if not received:
-            raise BadRequest("truncated_body", "the connection closed before the whole body arrived", close=True)
+    def _start_chunk(self, line: bytes) -> None:
+        size_text = line.split(b";", 1)[0].strip()
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size_text):
+            raise BadRequest("bad_chunk", "a chunk size is not hexadecimal", close=True)
+        size = int(size_text, 16)
+        if size == 0:
+            self.state = "trailer"
+            return
+        self.total += size
+        if self.total > self.limit:
+            raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % self.limit, close=True)
+        self.state, self.remaining = "data", size
 
 
-class _ClosedMidRequest(Exception):
-    """The peer closed its connection in the middle of a request head: nobody is left to answer."""
+def _find_head(buffer: bytearray) -> Optional[bytes]:
+    """Take the next request head out of the buffer; None until its blank line is in.
+
+    Empty lines before a request line are skipped (RFC 9112 §2.2), and a head
+    that grows past MAX_HEAD is refused before it is all read.
+    """
+    while buffer[:1] in (b"\r", b"\n") and buffer:
+        del buffer[:1]
+    end, separator = buffer.find(b"\n\r\n"), 3
+    bare = buffer.find(b"\n\n")
+    if bare >= 0 and (end < 0 or bare < end):
+        end, separator = bare, 2  # a client that ends lines with LF only
+    if end >= 0:
+        head = bytes(buffer[:end])
+        del buffer[:end + separator]
+        return head
+    if len(buffer) > MAX_HEAD:
+        newline = buffer.find(b"\n")
+        if newline < 0 or newline > MAX_REQUEST_LINE:
+            raise URITooLong("http_414", "the request line is over %d bytes" % MAX_REQUEST_LINE, close=True)
+        raise HeadersTooLarge("http_431", "the request head is over %d bytes" % MAX_HEAD, close=True)
+    return None
 
 
 @functools.lru_cache(maxsize=2)
@@ -2188,80 +2215,247 @@ def _http_date(second: int) -> str:
     return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
 
 
-class RequestHandler(socketserver.BaseRequestHandler):
-    """One HTTP/1.1 connection: reads each request head, routes it to the hook or an operator endpoint.
+def http_response(status: int, body: bytes, content_type: str, close: bool = False, headers: Tuple = (),
+                  head_only: bool = False) -> bytes:
+    """Status line, headers and body as one buffer: one write, one packet for a small reply."""
+    lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
+             "Server: wabhook/" + __version__,
+             "Date: " + _http_date(int(time.time())),
+             "Content-Type: " + content_type,
+             "Content-Length: %d" % len(body)]
+    lines += ["%s: %s" % header for header in headers]
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
 
-    The request head is parsed here, strictly (RFC 9112), rather than by
-    http.server, whose header parsing through the `email` package cost a third
-    of the time of an ack and accepts lines a proxy in front may read otherwise.
+
+class _Connection:
+    """One client connection as the front sees it: bytes in, the request being read, bytes out."""
+
+    __slots__ = ("sock", "peer", "buffer", "out", "deadline", "request", "started", "body", "busy",
+                 "close_after", "handshaking", "eof", "writing")
+
+    def __init__(self, sock: socket.socket, peer: str, deadline: float, handshaking: bool):
+        self.sock, self.peer, self.deadline, self.handshaking = sock, peer, deadline, handshaking
+        self.buffer, self.out = bytearray(), bytearray()
+        self.request: Optional[Request] = None   # the request whose body is being read or answered
+        self.started: Optional[float] = None
+        self.body = None                          # a _ChunkedBody, or the Content-Length still to come
+        self.busy = False                         # answered elsewhere (the inbox's commit, a thread)
+        self.close_after = False
+        self.eof = False
+        self.writing = False                      # registered for EVENT_WRITE: a reply did not fit the socket
+
+
+# How often the front looks for connections past their deadline, and for a stop.
+SWEEP_SECONDS = 0.05
+
+
+class HTTPFront:
+    """The listening socket and every connection, served by one thread with a selector.
+
+    That thread reads and parses every request (strictly, RFC 9112) and
+    hands a complete event to the inbox, whose writer commits it with others
+    and calls back; the 200 goes out from here after COMMIT. One thread
+    instead of one per connection: thousands of idle connections cost a few
+    KB each, and the inbox's writer competes for the GIL with one thread
+    rather than a crowd. Requests for /healthz and /metrics, which may wait
+    on the inbox, are answered from a short-lived thread.
+
+    `app` is the Server: this section uses its config, log, metrics,
+    signing_key, accepting, receive(), health() and metrics_text().
     """
 
-    server_version = "wabhook/" + __version__
+    def __init__(self, app: "Server", listener: socket.socket):
+        self.app, self.config, self.listener = app, app.config, listener
+        self.selector = selectors.DefaultSelector()
+        self.connections: Dict[int, _Connection] = {}
+        self._completed: "collections.deque" = collections.deque()  # (connection, reply function)
+        self._wakeup_receiver, self._wakeup_sender = socket.socketpair()
+        self._wakeup_pending = False
+        self._stopping = False
+        self._listening = True
+        self.thread: Optional[threading.Thread] = None
 
-    def setup(self):
-        self.app = self.server.app
-        self.config = self.app.config
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed-ACK stall
-        self.request.settimeout(self.config.timeout)  # once: see _Reader
-        self.reader = _Reader(self.request)
-        self.current: Optional[Request] = None
+    def start(self) -> None:
+        self.listener.setblocking(False)
+        self._wakeup_receiver.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        self.selector.register(self._wakeup_receiver, selectors.EVENT_READ, "wakeup")
+        self.thread = threading.Thread(target=self._serve, name="wabhook-http", daemon=True)
+        self.thread.start()
 
-    def handle(self):
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()  # here, in the connection's thread, not in accept()
-        while self._handle_one():
-            pass
+    def stop(self) -> None:
+        """Close the listener and every connection; returns once the front's thread has ended."""
+        self._stopping = True
+        self._wake()
+        if self.thread is not None:
+            self.thread.join()
 
-    def _handle_one(self) -> bool:
-        """Read and answer one request; False when the connection is to be closed."""
-        # --timeout bounds the wait for a request and its whole head, so a
-        # client trickling one byte at a time is cut off like an idle one.
-        deadline = time.monotonic() + self.config.timeout
-        self.current, started = None, None
+    def stop_listening(self) -> None:
+        """Accept no new connection (open ones are answered 503 by the app meanwhile)."""
+        self._listening = False
+        self._wake()
+
+    def complete(self, connection: _Connection, reply: Callable[[], None]) -> None:
+        """Run `reply` in the front's thread soon: how another thread answers a request."""
+        self._completed.append((connection, reply))
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            with contextlib.suppress(OSError):
+                self._wakeup_sender.send(b"x")
+
+    # -- the loop ------------------------------------------------------------
+
+    def _serve(self) -> None:
+        next_sweep = time.monotonic() + SWEEP_SECONDS
         try:
-            head = self.reader.head(deadline)
-            if head is None:
-                return False
-            started = time.monotonic()
-            self.current = parse_head(head)
-            return self._route(self.current, started)
-        except (socket.timeout, _ClosedMidRequest):
-            return False  # idle, too slow, or gone: closed without a word, as http.server does
-        except HTTPError as exc:
-            return self._refuse(exc, started)
+            while not self._stopping:
+                for key, mask in self.selector.select(SWEEP_SECONDS):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wakeup":
+                        self._drain_wakeup()
+                    else:
+                        self._on_ready(key.data, mask)
+                self._run_completed()
+                if not self._listening and self.listener.fileno() >= 0:
+                    self.selector.unregister(self.listener)
+                    self.listener.close()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + SWEEP_SECONDS
+                    self._sweep(now)
+        finally:
+            for connection in list(self.connections.values()):
+                self._close(connection)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.listener)
+            self.listener.close()
+            self.selector.close()
+            self._wakeup_receiver.close()
+            self._wakeup_sender.close()
 
-    def _refuse(self, exc: "HTTPError", started: Optional[float]) -> bool:
-        """The one way an error reply is made: JSON body, a log line, a metric, the access log."""
-        request = self.current
-        close = exc.close or (request is not None and request.has_body)  # an unread body is no next request
-        self.app.metrics.rejected(exc.status)
-        self.app.log.warning("%s %s from %s: %d %s (%s)", request.method if request else "-",
-                             _printable(request.path) if request else "-", self.client_address[0],
-                             exc.status, exc.code, exc.message)
-        self.send_json(exc.status, {"ok": False, "error": exc.code, "message": exc.message}, close=close,
-                       headers=exc.headers)
-        self._log_access(exc.status, started)
-        return not close
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst is taken in one go, without starving the open connections
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ssl.SSLError:
+                continue
+            except OSError as exc:
+                self.app.log.warning("cannot accept a connection: %s", exc)
+                return
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed-ACK stall
+            connection = _Connection(sock, address[0], time.monotonic() + self.config.timeout,
+                                     isinstance(sock, ssl.SSLSocket))
+            self.connections[sock.fileno()] = connection
+            self.selector.register(sock, selectors.EVENT_READ, connection)
 
-    def _log_access(self, status: int, started: Optional[float]):
-        """The --access-log line of one request, answered or refused. The query (a token) is never logged."""
-        if self.config.access_log:
-            request = self.current
-            took = " %.1fms" % ((time.monotonic() - started) * 1000) if started is not None else ""
-            self.app.log.info('%s "%s %s" %d%s', self.client_address[0], _printable(request.method) if request
-                              else "-", _printable(request.path) if request else "-", status, took)
+    def _drain_wakeup(self) -> None:
+        # Drained first, cleared after: a wake-up sent meanwhile stays in the socket,
+        # and one skipped because the flag was still set finds its reply queued already.
+        with contextlib.suppress(OSError):
+            while self._wakeup_receiver.recv(4096):
+                pass
+        self._wakeup_pending = False
 
-    def _route(self, request: Request, started: float) -> bool:
+    def _run_completed(self) -> None:
+        while self._completed:
+            connection, reply = self._completed.popleft()
+            if connection.sock.fileno() >= 0:
+                connection.busy = False
+                reply()
+
+    def _sweep(self, now: float) -> None:
+        """Connections past their deadline: an idle or slow head is closed, a slow body gets 408."""
+        for connection in list(self.connections.values()):
+            if connection.busy or now < connection.deadline:
+                continue
+            if connection.request is not None and connection.body is not None:
+                self._refuse(connection, RequestTimeout(
+                    "body_timeout", "the body did not arrive within the timeout", close=True))
+            else:
+                self._close(connection)  # idle, or a head too slow: closed without a word, as http.server does
+
+    def _on_ready(self, connection: _Connection, mask: int) -> None:
+        try:
+            if connection.handshaking:
+                connection.sock.do_handshake()
+                connection.handshaking = False
+                self.selector.modify(connection.sock, selectors.EVENT_READ, connection)
+            if mask & selectors.EVENT_WRITE and connection.out:
+                self._flush(connection)
+                self._advance(connection)
+            elif mask & selectors.EVENT_READ:
+                self._receive(connection)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLWantWriteError:
+            connection.writing = True
+            self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+        except (OSError, ValueError) as exc:  # reset, a failed handshake, a closed socket
+            self.app.log.debug("connection from %s ended: %s", connection.peer, exc)
+            self._close(connection)
+
+    def _receive(self, connection: _Connection) -> None:
+        sock = connection.sock
+        while True:
+            try:
+                data = sock.recv(READ_CHUNK)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                break
+            if not data:
+                connection.eof = True
+                break
+            connection.buffer += data
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                break  # epoll tells of the rest; TLS bytes already decrypted it cannot see
+        self._advance(connection)
+
+    def _close(self, connection: _Connection) -> None:
+        self.connections.pop(connection.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.selector.unregister(connection.sock)
+        with contextlib.suppress(OSError):
+            connection.sock.close()
+
+    # -- requests --------------------------------------------------------------
+
+    def _advance(self, connection: _Connection) -> None:
+        """Read and answer as many requests as the buffer holds, one at a time."""
+        while not connection.busy and connection.sock.fileno() >= 0 and not connection.out:
+            try:
+                if connection.request is None:
+                    head = _find_head(connection.buffer)
+                    if head is None:
+                        if connection.eof:
+                            self._close(connection)
+                        return
+                    connection.started = time.monotonic()
+                    connection.deadline = connection.started + self.config.timeout  # for the body
+                    connection.request = parse_head(head)
+                    self._route(connection, connection.request)
+                elif connection.body is None or not self._read_body(connection):
+                    return
+            except HTTPError as exc:
+                self._refuse(connection, exc)
+
+    def _route(self, connection: _Connection, request: Request) -> None:
         app, config, path = self.app, self.config, request.path
-        if path == "/healthz":
+        if path in ("/healthz", "/metrics"):
             self._require_method(request, "GET", "HEAD")
-            status, payload = app.health()
-            return self._answer(status, json.dumps(payload).encode("utf-8"), "application/json", started)
-        if path == "/metrics":
-            self._require_method(request, "GET", "HEAD")
-            self._require_token(request)
-            return self._answer(200, app.metrics_text().encode("utf-8"),
-                                "text/plain; version=0.0.4; charset=utf-8", started)
+            if path == "/metrics":
+                self._require_token(request)
+            self._answer_in_thread(connection, app.health if path == "/healthz" else self._metrics_reply)
+            return
         prefix = config.path.rstrip("/")
         if path != config.path and not path.startswith(prefix + "/"):
             raise NotFound("not_found", "no such path; events go to %s or %s/<bridge>" % (config.path, prefix))
@@ -2270,22 +2464,69 @@ class RequestHandler(socketserver.BaseRequestHandler):
             raise NotFound("bad_bridge", "a bridge label is 1 to 128 of A-Z a-z 0-9 . _ : -")
         self._require_method(request, "POST")
         self._require_token(request)
-        body = self._read_body(request, config.max_body)
-        if app.signing_key is not None:
-            verify_signature(app.signing_key, request.headers, body)
-        text, payload = parse_body(body)
-        event_id, duplicate = app.receive(text, payload, label or None)
-        keep = self._answer(200, b'{"ok": true, "id": %d, "duplicate": %s}' % (
-            event_id, b"true" if duplicate else b"false"), "application/json", started)
-        app.metrics.ack(time.monotonic() - started)
-        return keep
+        if not request.has_body and not request.headers.get_all("Content-Length"):
+            raise LengthRequired("length_required", "send Content-Length or a chunked body", close=True)
+        if request.length > config.max_body:
+            raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % config.max_body, close=True)
+        connection.body = _ChunkedBody(config.max_body) if request.chunked else request.length
+        if request.headers.get("Expect", "").lower() == "100-continue" and not connection.buffer:
+            connection.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._read_body(connection)
 
-    def _answer(self, status: int, body: bytes, content_type: str, started: float) -> bool:
-        """A successful reply; the connection closes after it if the request asked, or left a body unread."""
-        close = not self.current.keep_alive or self.current.has_body
-        self.send_body(status, body, content_type, close=close)
-        self._log_access(status, started)
-        return not close
+    def _read_body(self, connection: _Connection) -> bool:
+        """Take the body from the buffer once it is all in, and hand the event on; False while it is not."""
+        request, buffer = connection.request, connection.buffer
+        if isinstance(connection.body, _ChunkedBody):
+            body = connection.body.feed(buffer)
+        elif len(buffer) >= connection.body:
+            body = bytes(buffer[:connection.body])
+            del buffer[:connection.body]
+        else:
+            body = None
+        if body is None:
+            if connection.eof:
+                raise BadRequest("truncated_body", "the connection closed before the whole body arrived",
+                                 close=True)
+            return False
+        connection.body = None
+        request.length, request.chunked = 0, False  # read whole: the connection can carry the next request
+        if self.app.signing_key is not None:
+            verify_signature(self.app.signing_key, request.headers, body)
+        text, payload = parse_body(body)
+        label = request.path[len(self.config.path.rstrip("/")) + 1:] if request.path != self.config.path else ""
+        connection.busy = True
+        connection.deadline = float("inf")
+        self.app.receive(text, payload, label or None,
+                         lambda result, error: self.complete(connection, lambda: self._acked(connection, result,
+                                                                                             error)))
+        return True
+
+    def _acked(self, connection: _Connection, result: Optional[Tuple[int, bool]], error) -> None:
+        """The inbox's answer for an event: the 200 (after COMMIT), or the error it raised."""
+        if error is not None:
+            self._refuse(connection, error)
+        else:
+            event_id, duplicate = result
+            started = connection.started
+            self._answer(connection, 200, b'{"ok": true, "id": %d, "duplicate": %s}' % (
+                event_id, b"true" if duplicate else b"false"), "application/json")
+            self.app.metrics.ack(time.monotonic() - started)
+        self._advance(connection)
+
+    def _metrics_reply(self) -> Tuple[int, bytes, str]:
+        return 200, self.app.metrics_text().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
+
+    def _answer_in_thread(self, connection: _Connection, make_reply: Callable[[], tuple]) -> None:
+        """Answer from a thread of its own: the reply may wait for the inbox, the front may not."""
+        connection.busy = True
+        connection.deadline = float("inf")
+
+        def run():
+            reply = make_reply()
+            if len(reply) == 2:  # (status, JSON payload)
+                reply = (reply[0], json.dumps(reply[1]).encode("utf-8"), "application/json")
+            self.complete(connection, lambda: (self._answer(connection, *reply), self._advance(connection)))
+        threading.Thread(target=run, name="wabhook-http-reply", daemon=True).start()
 
     def _require_method(self, request: Request, *allowed):
         if request.method not in allowed:
@@ -2298,58 +2539,57 @@ class RequestHandler(socketserver.BaseRequestHandler):
             raise Unauthorized("unauthorized", "a valid token is required (?token=, Bearer or Basic password)",
                                close=True, headers=(("WWW-Authenticate", 'Bearer realm="wabhook"'),))
 
-    # -- reading the body ----------------------------------------------------
-
-    def _read_body(self, request: Request, limit: int) -> bytes:
-        """The whole body, by Content-Length or chunked, within `limit` bytes and --timeout."""
-        deadline = time.monotonic() + self.config.timeout
-        if not request.has_body and not request.chunked and not request.headers.get_all("Content-Length"):
-            raise LengthRequired("length_required", "send Content-Length or a chunked body", close=True)
-        if request.length > limit:
-            raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % limit, close=True)
-        if request.headers.get("Expect", "").lower() == "100-continue" and not self.reader.buffer:
-            self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.length, body = 0, (self._read_chunked(limit, deadline) if request.chunked
-                                   else self.reader.exact(request.length, deadline))
-        request.chunked = False  # read whole: the connection can carry the next request
-        return body
-
-    def _read_chunked(self, limit: int, deadline: float) -> bytes:
-        parts, total = [], 0
-        while True:
-            size_text = self.reader.line(deadline).split(b";", 1)[0].strip()
-            if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size_text):
-                raise BadRequest("bad_chunk", "a chunk size is not hexadecimal", close=True)
-            size = int(size_text, 16)
-            if size == 0:
-                while self.reader.line(deadline).strip():
-                    pass  # trailer fields are ignored
-                return b"".join(parts)
-            total += size
-            if total > limit:
-                raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % limit, close=True)
-            parts.append(self.reader.exact(size, deadline))
-            if self.reader.exact(2, deadline) != b"\r\n":
-                raise BadRequest("bad_chunk", "a chunk does not end with CRLF", close=True)
-
     # -- replies -----------------------------------------------------------
 
-    def send_json(self, status: int, payload: dict, close: bool = False, headers: Tuple = ()):
-        self.send_body(status, json.dumps(payload).encode("utf-8"), "application/json", close, headers)
+    def _answer(self, connection: _Connection, status: int, body: bytes, content_type: str) -> None:
+        """A successful reply; the connection closes after it if the request asked, or left a body unread."""
+        request = connection.request
+        self._send(connection, status, body, content_type, not request.keep_alive or request.has_body)
 
-    def send_body(self, status: int, body: bytes, content_type: str, close: bool = False, headers: Tuple = ()):
-        """Status line, headers and body in one write (one packet for small replies)."""
-        lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
-                 "Server: " + self.server_version,
-                 "Date: " + _http_date(int(time.time())),
-                 "Content-Type: " + content_type,
-                 "Content-Length: %d" % len(body)]
-        lines += ["%s: %s" % header for header in headers]
-        if close:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        head_only = self.current is not None and self.current.method == "HEAD"
-        self.request.sendall(head if head_only else head + body)
+    def _refuse(self, connection: _Connection, exc: HTTPError) -> None:
+        """The one way an error reply is made: JSON body, a log line, a metric, the access log."""
+        request = connection.request
+        close = exc.close or connection.eof or (request is not None and request.has_body)
+        self.app.metrics.rejected(exc.status)
+        self.app.log.warning("%s %s from %s: %d %s (%s)", _printable(request.method) if request else "-",
+                             _printable(request.path) if request else "-", connection.peer,
+                             exc.status, exc.code, exc.message)
+        body = json.dumps({"ok": False, "error": exc.code, "message": exc.message}).encode("utf-8")
+        self._send(connection, exc.status, body, "application/json", close, exc.headers)
+
+    def _send(self, connection: _Connection, status: int, body: bytes, content_type: str, close: bool,
+              headers: Tuple = ()) -> None:
+        request = connection.request
+        connection.out += http_response(status, body, content_type, close, headers,
+                                        head_only=request is not None and request.method == "HEAD")
+        if self.config.access_log:  # the query (a token) is never logged
+            took = " %.1fms" % ((time.monotonic() - connection.started) * 1000) if connection.started else ""
+            self.app.log.info('%s "%s %s" %d%s', connection.peer, _printable(request.method) if request else "-",
+                              _printable(request.path) if request else "-", status, took)
+        connection.request, connection.body, connection.started = None, None, None
+        connection.close_after = close
+        connection.deadline = time.monotonic() + self.config.timeout  # for the next request
+        self._flush(connection)
+
+    def _flush(self, connection: _Connection) -> None:
+        try:
+            sent = connection.sock.send(connection.out)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            sent = 0
+        except OSError:
+            self._close(connection)
+            return
+        del connection.out[:sent]
+        if connection.out:
+            if not connection.writing:
+                connection.writing = True
+                self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+            return
+        if connection.close_after:
+            self._close(connection)
+        elif connection.writing:
+            connection.writing = False
+            self.selector.modify(connection.sock, selectors.EVENT_READ, connection)
 
 
 # ---------------------------------------------------------------------------
@@ -2475,27 +2715,21 @@ class ServerError(Exception):
     """The server cannot start (port in use, bad certificate); the message says what to do."""
 
 
-# How often the accept loop checks for a stop: the delay between SIGTERM and
-# the listening socket closing (an idle wake-up costs next to nothing).
-SHUTDOWN_POLL_SECONDS = 0.05
+LISTEN_BACKLOG = 1024  # a burst of new connections waits in the kernel, not refused (the default 5 stalls it)
 
 
-class _HTTPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    # TCPServer rather than http.server.HTTPServer: its server_bind() calls
-    # socket.getfqdn(), a reverse DNS lookup that can hang a start for seconds.
-    daemon_threads = True        # an open keep-alive connection never holds up exit
-    block_on_close = False
-    allow_reuse_address = True   # restart at once on the same port
-    request_queue_size = 1024    # listen backlog: socketserver's 5 stalls a burst of connects
-
-    def __init__(self, app: "Server", address, family):
-        self.app = app
-        self.address_family = family
-        super().__init__(address, RequestHandler)
-
-    def handle_error(self, request, client_address):
-        # A connection reset or failed TLS handshake: not worth a traceback on stderr.
-        self.app.log.debug("connection from %s ended with an error:\n%s", client_address[0], traceback.format_exc())
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket; OSError as socket.bind raises it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once on the same port
+        listener.bind((host, port))
+        listener.listen(LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 class Server:
@@ -2521,16 +2755,14 @@ class Server:
         self.inbox = Inbox(config.db)
         self.registry = Registry(config.handlers, config.script_timeout)
         self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log)
-        self.httpd: Optional[_HTTPServer] = None
-        self._serve_thread: Optional[threading.Thread] = None
+        self.front: Optional[HTTPFront] = None
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> "Server":
         config = self.config
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         try:
-            self.httpd = _HTTPServer(self, (config.host, config.port), family)
+            listener = _listen(config.host, config.port)
         except OSError as exc:
             self.inbox.close()
             raise ServerError("cannot listen on %s port %d: %s%s" % (
@@ -2542,18 +2774,15 @@ class Server:
             try:
                 context.load_cert_chain(config.tls_cert, config.tls_key)
             except (OSError, ssl.SSLError) as exc:
-                self.httpd.server_close()
+                listener.close()
                 self.inbox.close()
                 raise ServerError("cannot load --tls-cert/--tls-key: %s" % exc) from None
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True,
-                                                    do_handshake_on_connect=False)
+            listener = context.wrap_socket(listener, server_side=True, do_handshake_on_connect=False)
         self._capture_output()
         self.dispatcher.start()
         self.accepting = True
-        self._serve_thread = threading.Thread(target=self.httpd.serve_forever,
-                                              kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS},
-                                              name="wabhook-http", daemon=True)
-        self._serve_thread.start()
+        self.front = HTTPFront(self, listener)
+        self.front.start()
         self.log.info("wabhook %s listening on %s (handlers: %s, inbox: %s)", __version__, self.url,
                       self.registry.folder, config.db)
         if not config.token and not is_loopback(config.host):
@@ -2578,7 +2807,7 @@ class Server:
 
     @property
     def port(self) -> int:
-        return self.httpd.server_address[1] if self.httpd else self.config.port
+        return self.front.listener.getsockname()[1] if self.front else self.config.port
 
     @property
     def url(self) -> str:
@@ -2592,11 +2821,12 @@ class Server:
 
     def stop(self) -> bool:
         """Stop accepting, let running handlers finish (--shutdown-timeout), close the inbox."""
-        self.accepting = False
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+        self.accepting = False  # a request on an open connection now gets 503 and Connection: close
+        if self.front is not None:
+            self.front.stop_listening()
         finished = self.dispatcher.stop(self.config.shutdown_timeout)
+        if self.front is not None:
+            self.front.stop()
         self.inbox.close()
         self._release_output()
         self.log.info("stopped; %s", "every running handler finished" if finished
@@ -2605,8 +2835,12 @@ class Server:
 
     # -- what the HTTP front calls -----------------------------------------
 
-    def receive(self, body: str, payload: dict, bridge: Optional[str]) -> Tuple[int, bool]:
-        """Commit one event to the inbox: (inbox id, duplicate). Never waits for a handler."""
+    def receive(self, body: str, payload: dict, bridge: Optional[str],
+                on_done: Callable[[Optional[Tuple[int, bool]], Optional[HTTPError]], None]) -> None:
+        """Hand one event to the inbox; on_done((inbox id, duplicate), None) after COMMIT, or (None, error).
+
+        Never waits for a handler, nor for the commit: on_done is called from the inbox's writer.
+        """
         if not self.accepting:
             raise ServiceUnavailable("shutting_down", "the server is shutting down; send again", close=True)
         event_type = payload["event"]
@@ -2614,15 +2848,17 @@ class Server:
         if key is None and self.config.dedup_window > 0:
             digest = hashlib.sha256(("%s\n%s" % (bridge or "", body)).encode("utf-8", "surrogatepass"))
             key, ttl = "body:" + digest.hexdigest(), self.config.dedup_window
-        try:
-            event_id, duplicate = self.inbox.commit_event(body, event_type, bridge, lane_of(payload, bridge), key, ttl)
-        except InboxUnavailable as exc:
-            self.log.error("answered 503 for a %s event: %s", _printable(event_type, 64), exc)
-            raise ServiceUnavailable("inbox_unavailable", "the event could not be stored; send it again") from None
-        self.metrics.event_received(event_type, duplicate)
-        if not duplicate:
-            self.dispatcher.wake()
-        return event_id, duplicate
+
+        def stored(result: Optional[Tuple[int, bool]], error: Optional[Exception]) -> None:
+            if error is not None:
+                self.log.error("answered 503 for a %s event: %s", _printable(event_type, 64), error)
+                on_done(None, ServiceUnavailable("inbox_unavailable", "the event could not be stored; send it again"))
+                return
+            self.metrics.event_received(event_type, result[1])
+            if not result[1]:
+                self.dispatcher.wake()
+            on_done(result, None)
+        self.inbox.submit_event(body, event_type, bridge, lane_of(payload, bridge), key, ttl, stored)
 
     def health(self) -> Tuple[int, dict]:
         payload = {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - self.started_at, 3)}
