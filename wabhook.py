@@ -491,13 +491,15 @@ def parse_event(raw: dict, bridge: Optional[str] = None, event_id: Optional[int]
                 received_at: float = 0.0) -> Event:
     """The typed event for a JSON object. Lenient: never raises for a dict with an `event`."""
     cls = event_class(raw.get("event", ""))
-    values = {}
-    for payload_field in dataclasses.fields(cls):
-        if payload_field.name in BASE_FIELDS:
-            continue
-        values[payload_field.name] = coerce_field(raw.get(payload_field.name), payload_field.type)
+    values = {name: coerce_field(raw.get(name), kind) for name, kind in _payload_fields(cls)}
     return cls(event=raw.get("event", ""), bridge=bridge, id=event_id, received_at=received_at,
                raw=raw, **values)
+
+
+@functools.lru_cache(maxsize=None)
+def _payload_fields(cls) -> Tuple[Tuple[str, type], ...]:
+    """(name, type) of the fields an event class adds to Event (looked up once per class)."""
+    return tuple((f.name, f.type) for f in dataclasses.fields(cls) if f.name not in BASE_FIELDS)
 
 
 def _text(value) -> str:
@@ -911,25 +913,27 @@ class Inbox:
         now = time.time() if now is None else now
 
         def claim(db) -> List[Claim]:
-            claims = []
             self._fan_out(db, handlers_for, now)
-            if limit <= 0:
-                return claims
-            for event_id in self._claimable_heads(db, now, limit):
-                # `+status`: look the event's rows up by its key, not by an index
-                # on status that would walk the whole backlog.
-                attempts = {handler: count + 1 for handler, count in db.execute(
-                    "SELECT handler, attempts FROM deliveries WHERE event_id = ? AND +status = 'pending'"
-                    " AND +next_attempt_at <= ?", (event_id, now))}
-                db.execute(
-                    "UPDATE deliveries SET status = 'running', attempts = attempts + 1,"
-                    " lease_owner = ?, lease_until = ?, updated_at = ?"
-                    " WHERE event_id = ? AND +status = 'pending' AND +next_attempt_at <= ?",
-                    (owner, now + LEASE_SECONDS, now, event_id, now))
-                event_type, bridge, body, received_at = db.execute(
-                    "SELECT event, bridge, body, received_at FROM events WHERE id = ?", (event_id,)).fetchone()
-                claims.append(Claim(event_id, event_type, bridge, body, received_at, sorted(attempts), attempts))
-            return claims
+            heads = self._claimable_heads(db, now, limit) if limit > 0 else []
+            if not heads:
+                return []
+            # Three statements for all the heads, not three a head. `+status`: look the
+            # events' rows up by their key, not by an index on status that would walk
+            # the whole backlog.
+            marks = ",".join("?" * len(heads))
+            attempts: Dict[int, Dict[str, int]] = {event_id: {} for event_id in heads}
+            for event_id, handler, count in db.execute(
+                    "SELECT event_id, handler, attempts FROM deliveries WHERE event_id IN (%s)"
+                    " AND +status = 'pending' AND +next_attempt_at <= ?" % marks, heads + [now]):
+                attempts[event_id][handler] = count + 1
+            db.execute("UPDATE deliveries SET status = 'running', attempts = attempts + 1,"
+                       " lease_owner = ?, lease_until = ?, updated_at = ?"
+                       " WHERE event_id IN (%s) AND +status = 'pending' AND +next_attempt_at <= ?" % marks,
+                       [owner, now + LEASE_SECONDS, now] + heads + [now])
+            events = {row[0]: row[1:] for row in db.execute(
+                "SELECT id, event, bridge, body, received_at FROM events WHERE id IN (%s)" % marks, heads)}
+            return [Claim(event_id, *events[event_id], sorted(attempts[event_id]), attempts[event_id])
+                    for event_id in heads]
         return self._write(claim)
 
     @staticmethod
@@ -937,10 +941,11 @@ class Inbox:
         """The event ids to claim: the heads of up to `limit` idle lanes, oldest first."""
         running = {lane for (lane,) in db.execute("SELECT DISTINCT lane FROM deliveries WHERE status = 'running'")}
         front = db.execute("SELECT lane, event_id, next_attempt_at FROM deliveries WHERE status = 'pending'"
-                           " ORDER BY event_id LIMIT ?", (HEAD_SCAN_ROWS,)).fetchall()
+                           " ORDER BY event_id LIMIT ?", (HEAD_SCAN_ROWS,))
         heads: Dict[str, int] = {}
-        due = 0
-        for lane, event_id, next_attempt_at in front:
+        due = seen = 0
+        for lane, event_id, next_attempt_at in front:  # row by row: it usually stops after a few
+            seen += 1
             if next_attempt_at > now:
                 continue
             due += 1
@@ -948,9 +953,9 @@ class Inbox:
                 heads[lane] = event_id  # the first due row of a lane, in id order, is its head
                 if len(heads) == limit:
                     break
-        if len(heads) == limit or len(front) < HEAD_SCAN_ROWS:
+        if len(heads) == limit or seen < HEAD_SCAN_ROWS:
             return list(heads.values())  # the whole backlog was seen, or its front sufficed
-        query = DUE_LANE_HEADS if due * 2 < len(front) else WALKED_LANE_HEADS
+        query = DUE_LANE_HEADS if due * 2 < seen else WALKED_LANE_HEADS
         return [event_id for _lane, event_id in db.execute(query, {"now": now, "limit": limit})]
 
     def _fan_out(self, db, handlers_for, now):
@@ -969,11 +974,14 @@ class Inbox:
         return bool(self._read("SELECT 1 FROM events WHERE dispatched = 0 LIMIT 1"))
 
     def record_outcome(self, event_id: int, handler: str, owner: str, status: str,
-                       error: Optional[str] = None, retry_at: float = 0.0) -> bool:
+                       error: Optional[str] = None, retry_at: float = 0.0,
+                       on_done: Optional[Callable[[Optional[bool], Optional[Exception]], None]] = None):
         """Store how one run ended: status done, pending (retry at `retry_at`) or dead.
 
         Only a delivery this owner still holds is updated, so a run that
         outlived its lease (or a shutdown) cannot overwrite a newer state.
+        Returns whether it did; with `on_done`, returns at once and calls
+        on_done(updated, error) after COMMIT instead.
         """
         now = time.time()
 
@@ -986,18 +994,19 @@ class Inbox:
             if cursor.rowcount:
                 self._settle_event(db, event_id)
             return bool(cursor.rowcount)
+        if on_done is not None:
+            self._enqueue(_Write(record, None, on_done))
+            return None
         return self._write(record)
 
     @staticmethod
     def _settle_event(db, event_id):
         """Set the event's summary status from its deliveries."""
-        statuses = {row[0] for row in db.execute(
-            "SELECT DISTINCT status FROM deliveries WHERE event_id = ?", (event_id,))}
-        if statuses & {"pending", "running"}:
-            status = "pending"
-        else:
-            status = "dead" if "dead" in statuses else "done"
-        db.execute("UPDATE events SET status = ? WHERE id = ?", (status, event_id))
+        db.execute("UPDATE events SET status = CASE"
+                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?1 AND status IN ('pending', 'running'))"
+                   " THEN 'pending'"
+                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?1 AND status = 'dead') THEN 'dead'"
+                   " ELSE 'done' END WHERE id = ?1", (event_id,))
 
     def renew_leases(self, owner: str, now: Optional[float] = None) -> None:
         now = time.time() if now is None else now
@@ -1423,15 +1432,16 @@ class Registry:
         One fan-out pass uses one: an event goes to the handlers present when it
         is dispatched, even one added a moment ago.
         """
-        listed = False
+        found: Dict[str, List[str]] = {}
 
         def lookup(event_type: str) -> List[str]:
-            nonlocal listed
-            if not listed:
+            if not found:
                 with self._lock:
                     self._list(force=True)
-                listed = True
-            return self.handlers_for(event_type)
+                found[""] = []  # listed
+            if event_type not in found:
+                found[event_type] = self.handlers_for(event_type)
+            return found[event_type]
         return lookup
 
     def handlers_for(self, event_type: str) -> List[str]:
@@ -1442,6 +1452,11 @@ class Registry:
 
     def get(self, name: str):
         """The loaded handler, (re)loaded if its file changed; HandlerGone if it stays gone."""
+        cached = self._loaded.get(name)
+        if cached is not None:
+            with contextlib.suppress(OSError):
+                if _signature(cached.path) == cached.signature:
+                    return cached  # unchanged: one stat, not a listing of the folder per run
         deadline = time.monotonic() + SETTLE_SECONDS
         while True:
             with self._lock:
@@ -1632,6 +1647,8 @@ class Dispatcher:
         self._idle = threading.Condition()
         self._busy = 0
         self._runs: Dict[int, _Run] = {}
+        self._unrecorded: List[tuple] = []  # outcomes the inbox could not take yet (see _store_outcome)
+        self._recording_failed = False
         self._next_worker = 0
         self._loop_thread: Optional[threading.Thread] = None
 
@@ -1647,12 +1664,13 @@ class Dispatcher:
     def wake(self) -> None:
         """Tell the loop there may be something to claim (a new event). A no-op while every worker is busy:
         a finishing worker wakes the loop itself, so a burst of acks behind hung handlers costs nothing here."""
-        if self._busy < self.config.workers:
+        if self._wants_claims():
             self._wake.set()
 
     @property
     def busy(self) -> int:
-        return self._busy
+        """Handler runs in progress now."""
+        return len(self._runs)
 
     def _start_worker(self) -> None:
         worker_id = self._next_worker
@@ -1679,14 +1697,15 @@ class Dispatcher:
                     if pruned:
                         self.log.info("pruned %d delivered events older than the retention", pruned)
                 self._abandon_overdue_runs()
-                free = self.config.workers - self._busy
-                claims = []
-                if free > 0 or now - last_fan_out >= IDLE_POLL_SECONDS:
-                    # With every worker busy, new events are still fanned out (so an event no
+                self._retry_unrecorded()
+                claims, wait = [], IDLE_POLL_SECONDS
+                if self._wants_claims() or now - last_fan_out >= IDLE_POLL_SECONDS:
+                    # With enough claimed, new events are still fanned out (so an event no
                     # handler wants is done) once a poll, not once an ack.
                     last_fan_out = now
-                    claims = self.inbox.claim_due(self.owner, free, self.registry.fresh_lookup())
-                wait = self._idle_wait(claims)
+                    limit = 2 * self.config.workers - self._busy if self._wants_claims() else 0
+                    claims = self.inbox.claim_due(self.owner, limit, self.registry.fresh_lookup())
+                    wait = self._idle_wait(claims)
                 if failing:
                     self.log.info("the inbox is writable again; dispatching resumes")
                 failing = False
@@ -1700,9 +1719,20 @@ class Dispatcher:
                 self._tasks.put(claim)
             self._wake.wait(wait)
 
+    def _wants_claims(self) -> bool:
+        """Whether to claim more: a worker is free, and the claims not yet run are fewer than the workers.
+
+        Claims are made ahead, up to twice --workers in all, so a worker that
+        finishes finds its next event already leased instead of waiting for a
+        claim transaction; claiming only once half of them are taken makes one
+        claim serve several workers. Nothing is claimed ahead of workers that
+        are all stuck in handlers.
+        """
+        return len(self._runs) < self.config.workers and self._busy <= self.config.workers
+
     def _idle_wait(self, claims: List[Claim]) -> float:
         """How long the loop may sleep when nothing wakes it (a finishing worker, a new event)."""
-        if self._busy >= self.config.workers:
+        if not self._wants_claims():
             return IDLE_POLL_SECONDS
         if claims or self.inbox.has_undispatched():
             return 0.0  # there may be more to claim right away
@@ -1752,7 +1782,7 @@ class Dispatcher:
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
-            self._wake.set()
+            self.wake()
 
     def after_failure(self, attempt: int) -> Tuple[str, float]:
         """The one decision after failed attempt number `attempt`: ("pending", retry time) or ("dead", 0)."""
@@ -1831,12 +1861,36 @@ class Dispatcher:
                 self.log.warning("handler %s failed event %d (attempt %d of %d), next try in %.1fs:\n%s",
                                  handler, claim.event_id, attempt, self.config.retries, retry_at - time.time(),
                                  error, extra=extra)
-        try:
-            self.inbox.record_outcome(claim.event_id, handler, self.owner, status, error, retry_at)
-        except InboxUnavailable as exc:
-            # The lease runs out and the delivery is run again: at least once, never lost.
-            self.log.error("cannot record that handler %s %s event %d: %s", handler,
-                           "handled" if outcome == "ok" else "failed", claim.event_id, exc, extra=extra)
+        self._store_outcome((claim.event_id, handler, status, error, retry_at))
+
+    def _store_outcome(self, outcome: tuple) -> None:
+        """Record a run's outcome without waiting for the commit (it joins the next batch).
+
+        One the inbox cannot take now (locked, disk full) is kept, its lease
+        renewed, and recorded by the loop once the inbox is writable again, so
+        its chat is not held up past the fault; if this process dies
+        meanwhile, the lease runs out and the run is repeated: at least once.
+        """
+        def stored(_updated, error):
+            if error is None:
+                return
+            with self._idle:
+                self._unrecorded.append(outcome)
+                first, self._recording_failed = not self._recording_failed, True
+            if first:
+                self.log.error("cannot record handler outcomes: %s; they are kept and recorded once the"
+                               " inbox is writable", error)
+        event_id, handler, status, error, retry_at = outcome
+        self.inbox.record_outcome(event_id, handler, self.owner, status, error, retry_at, on_done=stored)
+
+    def _retry_unrecorded(self) -> None:
+        with self._idle:
+            outcomes, self._unrecorded = self._unrecorded, []
+            if not outcomes and self._recording_failed:
+                self._recording_failed = False
+                self.log.info("handler outcomes are recorded again")
+        for outcome in outcomes:
+            self._store_outcome(outcome)
 
     # -- shutdown ----------------------------------------------------------
 
