@@ -638,6 +638,13 @@ def _chunks(items: list, size: int) -> List[list]:
     return [items[start:start + size] for start in range(0, len(items), size)]
 
 
+def _insert_rows(db, insert: str, placeholders: str, rows: List[tuple]) -> None:
+    """INSERT many rows with one statement per SQL_ROWS of them (executemany steps once a row,
+    each step a round trip through the GIL)."""
+    for part in _chunks(rows, SQL_ROWS):
+        db.execute(insert + " " + ",".join([placeholders] * len(part)), [value for row in part for value in row])
+
+
 class InboxUnavailable(Exception):
     """The inbox cannot commit (disk full, locked by another process, unreadable file)."""
 
@@ -892,12 +899,9 @@ class Inbox:
                 dedup_rows.append((key, next_id, now + ttl))
             results.append((next_id, False))
             next_id += 1
-        for part in _chunks(event_rows, SQL_ROWS):
-            db.execute("INSERT INTO events (id, received_at, bridge, event, lane, body) VALUES "
-                       + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(part)), [value for row in part for value in row])
-        for part in _chunks(dedup_rows, SQL_ROWS):
-            db.execute("INSERT OR REPLACE INTO dedup (key, event_id, expires_at) VALUES "
-                       + ",".join(["(?, ?, ?)"] * len(part)), [value for row in part for value in row])
+        _insert_rows(db, "INSERT INTO events (id, received_at, bridge, event, lane, body) VALUES",
+                     "(?, ?, ?, ?, ?, ?)", event_rows)
+        _insert_rows(db, "INSERT OR REPLACE INTO dedup (key, event_id, expires_at) VALUES", "(?, ?, ?)", dedup_rows)
         return results
 
     # -- dispatching -------------------------------------------------------
@@ -959,15 +963,20 @@ class Inbox:
         return [event_id for _lane, event_id in db.execute(query, {"now": now, "limit": limit})]
 
     def _fan_out(self, db, handlers_for, now):
+        """Give new events their delivery rows, one per handler present now; an event no handler wants is done."""
         rows = db.execute("SELECT id, event, lane FROM events WHERE dispatched = 0 ORDER BY id LIMIT ?",
                           (FANOUT_BATCH,)).fetchall()
+        deliveries, wanted, unwanted = [], [], []
         for event_id, event_type, lane in rows:
             names = handlers_for(event_type)
-            db.executemany(
-                "INSERT OR IGNORE INTO deliveries (event_id, handler, lane, status, next_attempt_at, updated_at)"
-                " VALUES (?, ?, ?, 'pending', 0, ?)", [(event_id, name, lane, now) for name in names])
-            db.execute("UPDATE events SET dispatched = 1, status = ? WHERE id = ?",
-                       ("pending" if names else "done", event_id))
+            deliveries += [(event_id, name, lane, now) for name in names]
+            (wanted if names else unwanted).append(event_id)
+        _insert_rows(db, "INSERT OR IGNORE INTO deliveries (event_id, handler, lane, status, next_attempt_at,"
+                         " updated_at) VALUES", "(?, ?, ?, 'pending', 0, ?)", deliveries)
+        for status, event_ids in (("pending", wanted), ("done", unwanted)):
+            for part in _chunks(event_ids, SQL_ROWS):
+                db.execute("UPDATE events SET dispatched = 1, status = ? WHERE id IN (%s)"
+                           % ",".join("?" * len(part)), [status] + part)
         return len(rows)
 
     def has_undispatched(self) -> bool:
@@ -2252,7 +2261,7 @@ def _find_head(buffer: bytearray) -> Optional[bytes]:
     bare = buffer.find(b"\n\n")
     if bare >= 0 and (end < 0 or bare < end):
         end, separator = bare, 2  # a client that ends lines with LF only
-    if end >= 0:
+    if end >= 0 and end <= MAX_HEAD:
         head = bytes(buffer[:end])
         del buffer[:end + separator]
         return head

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import threading
 import time
 
@@ -637,3 +638,56 @@ class MisbehavingHandlerTest(DispatchTestCase):
         later = self.post_id(server, message(message_id="two"))
         self.wait_status(later, "done")
         self.assertEqual(len(self.read_lines("seen")), 2)
+
+
+GATED = '''
+import os, time
+def handle(event):
+    with open(os.path.join(%(tmp)r, "started"), "a") as out:
+        out.write("%%d\\n" %% event.id)
+    deadline = time.time() + 60
+    while not os.path.exists(%(release)r) and time.time() < deadline:
+        time.sleep(0.02)
+    with open(os.path.join(%(tmp)r, "finished"), "a") as out:
+        out.write("%%d\\n" %% event.id)
+'''
+
+
+class StorageFaultTest(DispatchTestCase):
+    def test_an_outcome_the_inbox_cannot_take_is_recorded_once_it_can_and_the_chat_goes_on(self):
+        self.handler("message.py", GATED)
+        server = self.start_server()
+        first = self.post_id(server, message(message_id="f1"))
+        second = self.post_id(server, message(message_id="f2"))  # the same chat: waits for the first
+        wait_until(lambda: self.read_lines("started") == [str(first)], message="the first run to start")
+        locker = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(locker.close)
+        locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock past the busy timeout
+        try:
+            open(self.release, "w").close()
+            wait_until(lambda: any("cannot record handler outcomes" in line for line in self.log.messages()),
+                       message="the outcome to fail to be recorded")
+            self.assertEqual(self.event_status(first), "pending")
+        finally:
+            locker.execute("ROLLBACK")
+        self.wait_status(first, "done")
+        self.wait_status(second, "done")
+        self.assertEqual(self.read_lines("finished"), [str(first), str(second)])
+        self.assertEqual(self.deliveries(first)["message.py"][:2], ("done", 1))  # recorded, not run again
+        wait_until(lambda: any("recorded again" in line for line in self.log.messages()),
+                   message="a log line that recording works again")
+
+
+class RetryDecisionTest(DispatchTestCase):
+    def test_one_decision_gives_backoff_until_the_last_attempt_then_dead(self):
+        server = self.start_server(retries=3, retry_delay=2.0)
+        decide = server.dispatcher.after_failure
+        for attempt in (1, 2):
+            before = time.time()
+            status, retry_at = decide(attempt)
+            self.assertEqual(status, "pending")
+            delay = 2.0 * 2 ** (attempt - 1)
+            self.assertGreaterEqual(retry_at - before, delay * 0.75 - 0.01)
+            self.assertLessEqual(retry_at - time.time(), delay * 1.25 + 0.01)
+        self.assertEqual(decide(3), ("dead", 0.0))
+        self.assertEqual(decide(4), ("dead", 0.0))

@@ -463,6 +463,98 @@ class AcceptTest(HttpTestCase):
         self.assertEqual(self.event_count(), 2)
 
 
+class FramingTest(HttpTestCase):
+    """RFC 9112 framing: whatever a proxy in front may read differently is refused, never guessed."""
+
+    def test_ambiguous_or_malformed_framing_is_400_and_the_connection_closes(self):
+        server = self.start_server()
+        head = b"POST /hook HTTP/1.1\r\nHost: x\r\n"
+        cases = [
+            (b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(EVENT), "bad_request"),
+            (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", "bad_transfer_encoding"),
+            (b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n", "bad_transfer_encoding"),
+            (b"Transfer-Encoding : chunked\r\n", "bad_request"),          # whitespace before the colon
+            (b"Content-Length : %d\r\n" % len(EVENT), "bad_request"),
+            (b"X-No-Colon\r\nContent-Length: %d\r\n" % len(EVENT), "bad_request"),
+            (b"X-Ctl: a\x1fb\r\nContent-Length: %d\r\n" % len(EVENT), "bad_request"),
+            (b"X-Ctl: a\x1d\r\nContent-Length: %d\r\n" % len(EVENT), "bad_request"),
+            (b"Content-Length: %d\x1d\r\n" % len(EVENT), "bad_request"),
+            (b" X-Folded: yes\r\nContent-Length: %d\r\n" % len(EVENT), "bad_request"),
+        ]
+        for header, code in cases:
+            with self.subTest(header=header):
+                mark = self.mark()
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                try:
+                    sock.sendall(head + header + b"\r\n" + EVENT)
+                    response = read_response(sock)
+                    self.assertRejected(response, 400, code, mark)
+                    self.assertEqual(response[1].get("connection"), "close")
+                    wait_for_eof(sock)
+                finally:
+                    sock.close()
+        self.assertEqual(self.event_count(), 0)
+        self.assertServing(server)
+
+    def test_a_body_on_a_get_is_never_read_as_the_next_request(self):
+        server = self.start_server()
+        smuggled = with_length(b"POST /hook HTTP/1.1\r\nHost: x\r\n", EVENT)
+        for method in (b"GET", b"HEAD"):
+            with self.subTest(method=method):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                try:
+                    sock.sendall(with_length(method + b" /healthz HTTP/1.1\r\nHost: x\r\n", smuggled))
+                    status, headers, _body = read_response(sock) if method == b"GET" else \
+                        read_head_only(sock)
+                    self.assertEqual(status, 200)
+                    self.assertEqual(headers.get("connection"), "close")
+                    wait_for_eof(sock)
+                finally:
+                    sock.close()
+        self.assertEqual(self.event_count(), 0)
+
+    def test_empty_lines_before_a_pipelined_request_are_skipped(self):
+        server = self.start_server()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        try:
+            request = with_length(b"POST /hook HTTP/1.1\r\nHost: x\r\n", EVENT)
+            sock.sendall(request + b"\r\n\r\n" + request)
+            self.assertEqual(read_response(sock)[0], 200)
+            self.assertEqual(read_response(sock)[0], 200)
+        finally:
+            sock.close()
+        self.assertEqual(self.event_count(), 2)
+
+    def test_an_oversized_head_is_refused_before_it_is_all_read(self):
+        server = self.start_server()
+        for extra, status in ((b"X-Big: " + b"a" * 70000 + b"\r\n", 431),
+                              (b"".join(b"X-%d: v\r\n" % n for n in range(101)), 431)):
+            with self.subTest(status=status, size=len(extra)):
+                mark = self.mark()
+                response = self.raw(server, b"POST /hook HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
+                self.assertRejected(response, status, "http_%d" % status, mark)
+        mark = self.mark()
+        self.assertRejected(self.raw(server, b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+                            414, "http_414", mark)
+        mark = self.mark()
+        self.assertRejected(self.raw(server, b"POST /hook HTTP/2.0\r\nHost: x\r\n\r\n"), 505, "http_505", mark)
+        self.assertServing(server)
+
+
+def read_head_only(sock, timeout=10.0):
+    """(status, lower-case headers, b"") of a reply to HEAD: a head, no body whatever its Content-Length."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError("the connection closed before a whole head: %r" % data)
+        data += chunk
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in head[1:])}
+    return int(head[0].split()[1]), headers, b""
+
+
 class ConnectionTest(HttpTestCase):
     def test_fifty_posts_on_one_keepalive_connection_all_get_distinct_ids(self):
         server = self.start_server()

@@ -1,13 +1,16 @@
 """The SQLite inbox (SPEC §4): schema and WAL, commit results, durable dedup across restarts, keyless
 events, --dedup-window, retention pruning, newer schemas refused, 503 on a locked file, group commit
-under concurrency, two processes sharing one file, and acknowledged events surviving SIGKILL.
+under concurrency, the one write path (batches, a failing piece of work, close), no 200 before COMMIT,
+two processes sharing one file, and acknowledged events surviving SIGKILL.
 """
 
 import http.client
 import json
 import os
 import random
+import select
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -496,3 +499,86 @@ class SharedFileProcessTest(WabhookTestCase):
             self.assertEqual(json.loads(stored[event_id])["message_id"], message_id)
         self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
         self.assertEqual(self.terminate(restarted), 0)
+
+
+class WritePathTest(WabhookTestCase):
+    """The inbox's one write path: a writer thread commits queued work in batches."""
+
+    def open_inbox(self):
+        inbox = wabhook.Inbox(self.db)
+        self.addCleanup(inbox.close)
+        return inbox
+
+    def test_a_batch_stores_every_event_and_a_failing_piece_of_work_fails_alone(self):
+        inbox = self.open_inbox()
+        results = {}
+
+        def broken(db):
+            db.execute("INSERT INTO dedup (key, event_id, expires_at) VALUES ('half-done', 0, 0)")
+            raise RuntimeError("a bug in one piece of work")
+
+        def collect(name):
+            return lambda result, error: results.__setitem__(name, (result, error))
+
+        with inbox._lock:  # the writer waits here with whatever it took; the rest queues behind
+            inbox.submit_event('{"event": "typing"}', "typing", None, "l", None, 0.0, collect("first"))
+            wait_until(lambda: not inbox._queue, message="the writer to take the first event")
+            for n in range(3):
+                inbox.submit_event(json.dumps(message("m%d" % n)), "message", None, "l", "k%d" % n, DAY,
+                                   collect("event-%d" % n))
+            inbox._enqueue(wabhook._Write(broken, None, collect("broken")))
+            inbox.submit_event(json.dumps(message("m0")), "message", None, "l", "k0", DAY, collect("again"))
+            self.assertEqual(len(inbox._queue), 5)
+        wait_until(lambda: len(results) == 6, message="every piece of work to finish")
+        self.assertIsInstance(results["broken"][1], RuntimeError)
+        ids = [results["event-%d" % n][0] for n in range(3)]
+        self.assertEqual([duplicate for _id, duplicate in ids], [False] * 3)
+        self.assertEqual(results["again"], ((ids[0][0], True), None))  # a duplicate within its own batch
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(4,)])
+        self.assertEqual(self.query("SELECT COUNT(*) FROM dedup WHERE key = 'half-done'"), [(0,)])  # rolled back
+        self.assertEqual(sorted(row[0] for row in self.query("SELECT id FROM events")),
+                         sorted([results["first"][0][0]] + [event_id for event_id, _dup in ids]))
+
+    def test_ids_keep_growing_across_batches(self):
+        inbox = self.open_inbox()
+        ids = [inbox.commit_event('{"event": "typing"}', "typing", None, "l", None, 0.0)[0] for _ in range(5)]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 5)
+
+    def test_work_queued_when_the_inbox_closes_is_committed_first(self):
+        inbox = wabhook.Inbox(self.db)
+        results = []
+        with inbox._lock:
+            for n in range(3):
+                inbox.submit_event(json.dumps(message("c%d" % n)), "message", None, "l", "c%d" % n, DAY,
+                                   lambda result, error: results.append((result, error)))
+            closer = threading.Thread(target=inbox.close)
+            closer.start()
+        closer.join(10)
+        self.assertFalse(closer.is_alive())
+        self.assertEqual([error for _result, error in results], [None] * 3)
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(3,)])
+        with self.assertRaises(wabhook.InboxUnavailable):
+            inbox.commit_event('{"event": "typing"}', "typing", None, "l", None, 0.0)
+
+
+class AckAfterCommitTest(WabhookTestCase):
+    def test_no_200_is_sent_while_the_commit_is_held_and_the_row_exists_when_it_arrives(self):
+        server = self.start_server()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.addCleanup(sock.close)
+        body = json.dumps(message("held")).encode()
+        with server.inbox._lock:  # the writer cannot commit
+            sock.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: any(c.busy for c in list(server.front.connections.values())),
+                       message="the event to be handed to the inbox")
+            wait_until(lambda: not any(work.event for work in list(server.inbox._queue)),
+                       message="the writer to take it")
+            readable, _w, _x = select.select([sock], [], [], 0.3)
+            self.assertEqual(readable, [], "a reply arrived before the commit")
+            self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(0,)])
+        self.assertTrue(select.select([sock], [], [], 10)[0], "no reply after the commit")
+        reply = sock.recv(65536)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        event_id = json.loads(reply.partition(b"\r\n\r\n")[2])["id"]
+        self.assertEqual(self.query("SELECT id FROM events"), [(event_id,)])
