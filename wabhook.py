@@ -108,8 +108,12 @@ OPTIONS = (
     Option("retries", 5, "count", "attempts per handler before an event is dead-lettered"),
     Option("retry_delay", "5s", "duration", "delay before the first retry; doubles each attempt (with jitter)"),
     Option("script_timeout", "60s", "duration", "a handler run longer than this fails (scripts are killed)"),
+    Option("script_env", None, "names", "more environment variables passed on to scripts (comma-separated"
+           " names); scripts always get PATH, HOME, LANG, TZ and the WABHOOK_ event variables, nothing else"),
     Option("shutdown_timeout", "10s", "duration", "on SIGTERM, how long running handlers may finish"),
     Option("timeout", "30s", "duration", "idle or slow HTTP connections are closed after this"),
+    Option("max_connections", 1000, "count", "open HTTP connections at most; at the limit the idlest"
+           " keep-alive one is closed to make room, else a new one is refused"),
     Option("max_body", "1MiB", "size", "largest accepted request body"),
     Option("retention", "7d", "duration", "how long dedup keys and delivered events are kept"),
     Option("dedup_window", "0", "duration", "drop byte-identical events without identity within this window (0: off)"),
@@ -144,8 +148,10 @@ class Config:
     retries: int = 5
     retry_delay: float = 5.0
     script_timeout: float = 60.0
+    script_env: Tuple[str, ...] = ()
     shutdown_timeout: float = 10.0
     timeout: float = 30.0
+    max_connections: int = 1000
     max_body: int = 1024 * 1024
     retention: float = 7 * 86400.0
     dedup_window: float = 0.0
@@ -222,6 +228,14 @@ def _convert_option(option: Option, value):
         if count < 1:
             raise ValueError("expected a whole number of at least 1")
         return count
+    if kind == "names":
+        if value is None:
+            return ()
+        names = tuple(name for name in re.split(r"[,\s]+", str(value)) if name)
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError("expected environment variable names separated by commas, such as NATS_URL,LANG")
+        return names
     if kind == "urlpath":
         path = str(value).rstrip("/") or "/"
         if not path.startswith("/") or not re.fullmatch(r"/[A-Za-z0-9._~/-]*", path):
@@ -503,7 +517,10 @@ def _payload_fields(cls) -> Tuple[Tuple[str, type], ...]:
 
 
 def _text(value) -> str:
-    return "" if value is None else str(value)
+    """A scalar as text for an identity or a lane; anything else (an object, a list) counts as absent."""
+    if isinstance(value, (str, int, float)):  # bool is an int
+        return str(value)
+    return ""
 
 
 def identity_key(raw: dict, bridge: Optional[str]) -> Optional[str]:
@@ -523,7 +540,9 @@ def identity_key(raw: dict, bridge: Optional[str]) -> Optional[str]:
         parts = [_text(raw.get("call_id"))]
         required = parts[0]
     elif kind == "profile_picture_updated":
-        parts = [_text(raw.get("picture_id")), json.dumps(raw.get("remove")), _text(raw.get("timestamp"))]
+        remove = raw.get("remove")
+        parts = [_text(raw.get("picture_id")), json.dumps(remove if isinstance(remove, (bool, int, float, str))
+                                                            else None), _text(raw.get("timestamp"))]
         required = parts[2]
     else:
         return None
@@ -541,6 +560,8 @@ def lane_of(raw: dict, bridge: Optional[str]) -> str:
     picture) share their bridge's own lane, so their order is kept too.
     """
     chat = raw.get("chat_id") or raw.get("contact_id") or ""
+    if not isinstance(chat, (str, int, float)):
+        chat = ""  # an object or list is no chat id (and could nest deeper than json.dumps recurses)
     return json.dumps([bridge or "", chat], separators=(",", ":"))  # ASCII whatever the input
 
 
@@ -1267,12 +1288,12 @@ class ScriptHandler:
 
     kind = "script"
 
-    def __init__(self, name: str, path: str, signature, timeout: float, processes: set):
+    def __init__(self, name: str, path: str, signature, timeout: float, processes: set, environment: dict):
         self.name, self.path, self.signature, self.timeout = name, path, signature, timeout
-        self.processes = processes
+        self.processes, self.environment = processes, environment
 
     def run(self, event: Event, body: str, log: logging.Logger) -> None:
-        env = dict(os.environ, WABHOOK_EVENT=event.event, WABHOOK_ID=str(event.id),
+        env = dict(self.environment, WABHOOK_EVENT=event.event, WABHOOK_ID=str(event.id),
                    WABHOOK_BRIDGE=event.bridge or "")
         process = self._start(env)
         self.processes.add(process)
@@ -1382,6 +1403,19 @@ def _read_settled(path: str) -> Tuple[str, tuple]:
         time.sleep(0.05)
 
 
+SCRIPT_ENVIRONMENT = ("PATH", "HOME", "LANG", "TZ")
+
+
+def script_environment(config: Config, environ: Dict[str, str]) -> Dict[str, str]:
+    """What every script's environment starts from: PATH, HOME, LANG, TZ and the --script-env names.
+
+    Never the server's whole environment: WABHOOK_TOKEN and WABHOOK_SECRET
+    (the way a systemd unit passes them) must not reach every script.
+    """
+    names = SCRIPT_ENVIRONMENT + tuple(name for name in config.script_env if name not in SCRIPT_ENVIRONMENT)
+    return {name: environ[name] for name in names if name in environ}
+
+
 def make_importable(folder: str) -> None:
     """Put the handlers folder on sys.path, so handlers can `import _common`."""
     folder = os.path.abspath(folder)
@@ -1398,9 +1432,10 @@ class Registry:
     SETTLE_SECONDS. Python helpers (`_*.py`) are re-imported when they change.
     """
 
-    def __init__(self, folder: str, script_timeout: float):
+    def __init__(self, folder: str, script_timeout: float, script_environment: Optional[dict] = None):
         self.folder = os.path.abspath(folder)
         self.script_timeout = script_timeout
+        self.script_environment = script_environment or {}
         self._lock = threading.RLock()
         self._listed_at = 0.0
         self._files: Dict[str, tuple] = {}       # name -> signature, as last listed
@@ -1509,7 +1544,8 @@ class Registry:
                     except FileNotFoundError:
                         continue  # removed since it was listed (a git checkout): look for it again
                 else:
-                    handler = ScriptHandler(name, path, signature, self.script_timeout, self.processes)
+                    handler = ScriptHandler(name, path, signature, self.script_timeout, self.processes,
+                                            self.script_environment)
                 with self._lock:
                     self._loaded[name] = handler
                 return handler
@@ -1968,6 +2004,7 @@ class Dispatcher:
 # ---------------------------------------------------------------------------
 
 SIGNATURE_TOLERANCE = 300   # seconds a Standard Webhooks timestamp may be off
+MAX_EVENT_TYPE = 128        # characters in an event's type
 CHUNK_LINE_LIMIT = 1024
 READ_CHUNK = 64 * 1024
 
@@ -2089,29 +2126,45 @@ def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = No
         raise Unauthorized("bad_signature", "no webhook-signature matches the body")
 
 
+def _refuse_constant(name: str):
+    raise ValueError("%s is not JSON" % name)
+
+
 def parse_body(body: bytes) -> Tuple[str, dict]:
-    """(the body as text to store, the JSON object) or BadRequest. Content-Type is ignored."""
+    """(the body as text to store, the JSON object) or BadRequest. Content-Type is ignored.
+
+    Only what every handler can be given is accepted: UTF-8 (a byte-order
+    mark is dropped), standard JSON (no NaN or Infinity, which scripts'
+    parsers refuse), and an event type of at most MAX_EVENT_TYPE characters
+    without NUL (it goes into a script's environment, where NUL cannot).
+    """
     try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        # Decoded here, strictly: json.loads(bytes) would take UTF-16 without a BOM,
+        # which is valid UTF-8 full of NUL bytes to every script that reads it.
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadRequest("bad_json", "the body is not UTF-8 text") from None
+    try:
+        payload = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
         raise BadRequest("bad_json", "the body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest("not_an_object", "the body must be a JSON object")
     event_type = payload.get("event")
     if not isinstance(event_type, str) or not event_type.strip():
         raise BadRequest("missing_event", "the body needs an \"event\" member that is a non-empty string")
-    try:
-        event_type.encode("utf-8")
-        # Stored without a byte-order mark: json.loads() of the stored text rejects one.
-        text = body.decode("utf-8-sig")
-    except UnicodeError:
-        try:
-            text = json.dumps(payload)  # a UTF-16/32 body, stored as ASCII JSON
-        except UnicodeError:
-            raise BadRequest("bad_json", "the body has text that is not valid Unicode") from None
-        if not event_type.isprintable():
-            raise BadRequest("missing_event", "the \"event\" member is not valid text")
+    if len(event_type) > MAX_EVENT_TYPE or "\x00" in event_type or _has_surrogates(event_type):
+        raise BadRequest("bad_event", "the \"event\" member must be 1 to %d characters of text, without NUL"
+                         % MAX_EVENT_TYPE)
     return text, payload
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # Limits of a request head (request line and header fields), checked before
@@ -2338,6 +2391,7 @@ class _Connection:
 
 # How often the front looks for connections past their deadline, and for a stop.
 SWEEP_SECONDS = 0.05
+ACCEPT_PAUSE_SECONDS = 0.1  # after accept() ran out of descriptors
 
 
 class HTTPFront:
@@ -2364,6 +2418,8 @@ class HTTPFront:
         self._wakeup_pending = False
         self._stopping = False
         self._listening = True
+        self._accept_paused_until: Optional[float] = None
+        self._refused, self._refusal_logged, self._accept_error_logged = 0, float("-inf"), float("-inf")
         self.thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
@@ -2415,12 +2471,17 @@ class HTTPFront:
                 self.app.commit_received()  # the events of this turn, as one batch
                 self._run_completed()
                 if not self._listening and self.listener.fileno() >= 0:
-                    self.selector.unregister(self.listener)
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.selector.unregister(self.listener)
                     self.listener.close()
                 now = time.monotonic()
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_SECONDS
                     self._sweep(now)
+                if self._accept_paused_until is not None and now >= self._accept_paused_until:
+                    self._accept_paused_until = None
+                    if self._listening:
+                        self.selector.register(self.listener, selectors.EVENT_READ, None)
         finally:
             for connection in list(self.connections.values()):
                 self._close(connection)
@@ -2440,8 +2501,12 @@ class HTTPFront:
             except ssl.SSLError:
                 continue
             except OSError as exc:
-                self.app.log.warning("cannot accept a connection: %s", exc)
+                self._cannot_accept(exc)
                 return
+            if len(self.connections) >= self.config.max_connections and not self._make_room():
+                sock.close()
+                self._note_refusal()
+                continue
             sock.setblocking(False)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed-ACK stall
@@ -2449,6 +2514,39 @@ class HTTPFront:
                                      isinstance(sock, ssl.SSLSocket))
             self.connections[sock.fileno()] = connection
             self.selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _make_room(self) -> bool:
+        """Close the connection idle the longest (between requests, nothing pending); False if none is."""
+        idle = [connection for connection in self.connections.values()
+                if connection.request is None and not connection.busy and not connection.buffer
+                and not connection.out and not connection.handshaking]
+        if not idle:
+            return False
+        self._close(min(idle, key=lambda connection: connection.deadline))
+        return True
+
+    def _note_refusal(self) -> None:
+        """A new connection refused at --max-connections: logged at most once a second."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:
+            self.app.log.warning("refused %d connections: %d are open, every one busy with a request"
+                                 " (--max-connections %d)", self._refused, len(self.connections),
+                                 self.config.max_connections)
+            self._refused, self._refusal_logged = 0, now
+
+    def _cannot_accept(self, exc: OSError) -> None:
+        """accept() failed: out of file descriptors (EMFILE, ENFILE) or memory. Make room, pause, say so."""
+        now = time.monotonic()
+        if now - self._accept_error_logged >= 60.0:
+            self._accept_error_logged = now
+            self.app.log.error("cannot accept connections: %s; %d are open (raise the descriptor limit,"
+                               " e.g. LimitNOFILE= in the systemd unit, or lower --max-connections)",
+                               exc.strerror or exc, len(self.connections))
+        self._make_room()
+        # The listener stays readable while the backlog waits: without a pause the loop would spin.
+        self.selector.unregister(self.listener)
+        self._accept_paused_until = now + ACCEPT_PAUSE_SECONDS
 
     def _drain_wakeup(self) -> None:
         # Drained first, cleared after: a wake-up sent meanwhile stays in the socket,
@@ -2869,7 +2967,7 @@ class Server:
             except OSError as exc:
                 raise ServerError("cannot create the handlers folder %s: %s" % (config.handlers, exc)) from None
         self.inbox = Inbox(config.db)
-        self.registry = Registry(config.handlers, config.script_timeout)
+        self.registry = Registry(config.handlers, config.script_timeout, script_environment(config, os.environ))
         self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log)
         self.front: Optional[HTTPFront] = None
 
@@ -2894,6 +2992,7 @@ class Server:
                 self.inbox.close()
                 raise ServerError("cannot load --tls-cert/--tls-key: %s" % exc) from None
             listener = context.wrap_socket(listener, server_side=True, do_handshake_on_connect=False)
+        self._raise_descriptor_limit()
         self._capture_output()
         self.dispatcher.start()
         self.accepting = True
@@ -2905,6 +3004,18 @@ class Server:
             self.log.warning("no --token set while listening on %s: anyone who can reach this port can post"
                              " events; set --token and put ?token=... in the webhook URL", config.host)
         return self
+
+    def _raise_descriptor_limit(self) -> None:
+        """Take the hard limit of open files as the soft one (systemd's default soft limit is 1,024)."""
+        try:
+            import resource  # POSIX only
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            if soft != resource.RLIM_INFINITY and soft < wanted:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                self.log.info("open files: raised the soft limit from %d to %d", soft, wanted)
+        except (ImportError, ValueError, OSError) as exc:
+            self.log.warning("open files: cannot raise the soft limit: %s", exc)
 
     def _capture_output(self):
         """Attribute Python handlers' prints: stdout lines log at INFO, stderr lines at WARNING."""
@@ -3035,6 +3146,22 @@ def serve(config: Config, log: logging.Logger) -> int:
 REPLAY_BATCH = 500
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """Text with control characters (ESC, CR, NUL ...; newlines too) shown as \\xNN: safe for a terminal line."""
+    return CONTROL_CHARACTERS.sub(lambda match: "\\x%02x" % ord(match.group()), text.replace("\n", "\\n"))
+
+
+class _TextFormatter(logging.Formatter):
+    """Readable lines in which nothing a sender or a handler wrote can move the cursor or forge a line:
+    control characters are escaped, and the lines of a long message after its first are indented."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n    ".join(escape_controls(line) for line in super().format(record).split("\n"))
+
+
 class _JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, message, and event_id/handler when known."""
 
@@ -3057,7 +3184,7 @@ def setup_logging(config: Config, stream=None) -> logging.Logger:
     if config.log_format == "json":
         formatter: logging.Formatter = _JsonFormatter()
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+        formatter = _TextFormatter("%(asctime)s %(levelname)s %(message)s")
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     log.addHandler(handler)
@@ -3148,13 +3275,15 @@ def _event_lines(events: List[dict]) -> List[str]:
     lines = []
     for item in events:
         received = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["received_at"]))
-        deliveries = " ".join("%s:%s(%d)" % (d["handler"], d["status"], d["attempts"]) for d in item["deliveries"])
-        lines.append("%-6d %s  %-8s %-24s %-7s %s" % (item["id"], received, item["bridge"] or "-", item["event"],
-                                                     item["status"], deliveries or "(no handler)"))
+        deliveries = " ".join("%s:%s(%d)" % (escape_controls(d["handler"]), d["status"], d["attempts"])
+                              for d in item["deliveries"])
+        lines.append("%-6d %s  %-8s %-24s %-7s %s" % (
+            item["id"], received, escape_controls(item["bridge"] or "-"), escape_controls(item["event"]),
+            item["status"], deliveries or "(no handler)"))
         for delivery in item["deliveries"]:
             if delivery["status"] in ("dead", "pending") and delivery["last_error"]:
                 last = delivery["last_error"].strip().splitlines()[-1]
-                lines.append("       %s: %s" % (delivery["handler"], last[:200]))
+                lines.append("       %s: %s" % (escape_controls(delivery["handler"]), escape_controls(last[:200])))
     return lines
 
 
@@ -3162,9 +3291,11 @@ def _stats_lines(stats: dict) -> List[str]:
     lines = ["events: %s" % ", ".join("%d %s" % (n, status) for status, n in stats["events"].items())]
     if stats["oldest_pending_age_seconds"]:
         lines.append("oldest pending: %.0fs ago" % stats["oldest_pending_age_seconds"])
-    lines.append("by type: " + (", ".join("%s %d" % item for item in stats["by_type"].items()) or "none"))
+    lines.append("by type: " + (", ".join("%s %d" % (escape_controls(event_type), n)
+                                          for event_type, n in stats["by_type"].items()) or "none"))
     for handler, by_status in stats["deliveries_by_handler"].items():
-        lines.append("handler %s: %s" % (handler, ", ".join("%d %s" % (n, s) for s, n in sorted(by_status.items()))))
+        lines.append("handler %s: %s" % (escape_controls(handler),
+                                         ", ".join("%d %s" % (n, s) for s, n in sorted(by_status.items()))))
     return lines
 
 

@@ -6,4 +6,5 @@ log = logging.getLogger("wabhook.handlers")
 
 
 def handle(event):
-    log.info("bridge %s connected, phone=%s", event.bridge or "(default)", event.phone)
+    # %r: the phone number is the sender's text, shown quoted and escaped, never raw.
+    log.info("bridge %s connected, phone=%r", event.bridge or "(default)", event.phone)

@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 import time
+import unittest.mock
 
 from tests.support import ROOT, WabhookTestCase, load_samples, wait_until
 
@@ -543,7 +544,8 @@ class ShippedHandlersTest(HandlersTestCase):
         result = self.run_cli("check", "--handlers", SHIPPED_HANDLERS)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertEqual(sorted(re.findall(r"^ok\s+(\S+)$", result.stdout, re.M)),
-                         sorted(name for name in os.listdir(SHIPPED_HANDLERS) if name[0] not in "_."))
+                         sorted(name for name in os.listdir(SHIPPED_HANDLERS) if name[0] not in "_."
+                                and os.path.isfile(os.path.join(SHIPPED_HANDLERS, name))))
 
         process, port = self.start_process("--handlers", SHIPPED_HANDLERS)
         mine = self.post_ok(port, SAMPLE)
@@ -553,3 +555,35 @@ class ShippedHandlersTest(HandlersTestCase):
         self.assertEqual(self.terminate(process), 0)
         log = self.process_log(process)
         self.assertEqual(re.findall(r"message\.py \| .*", log), ["message.py | Alice: Hello!"])
+
+
+class ScriptEnvironmentTest(WabhookTestCase):
+    ENV_DUMP = '''#!/usr/bin/env python3
+import json, os
+with open(os.path.join(%r, "env-" + os.environ["WABHOOK_ID"]), "w") as out:
+    json.dump(dict(os.environ), out)
+'''
+
+    def test_scripts_get_a_clean_environment_never_the_token_or_secret(self):
+        self.write_handler("message.sh", self.ENV_DUMP % self.tmp)
+        secrets_and_more = {"WABHOOK_TOKEN": "tok-leak", "WABHOOK_SECRET": "whsec_bGVhaw==",
+                            "UNRELATED": "x", "NATS_URL": "nats://127.0.0.1:4222", "TZ": "UTC"}
+        with unittest.mock.patch.dict(os.environ, secrets_and_more):
+            server = self.start_server(script_env=("NATS_URL",))
+        status, reply = self.post(server, load_samples()[0])
+        self.assertEqual(status, 200, reply)
+        env = wait_until(lambda: self.read_json("env-%d" % reply["id"]), message="the script's environment")
+        self.assertEqual(env["WABHOOK_EVENT"], "message")
+        self.assertEqual(env["NATS_URL"], "nats://127.0.0.1:4222")
+        self.assertEqual(env["TZ"], "UTC")
+        self.assertEqual(env.get("PATH"), os.environ.get("PATH"))
+        allowed = {"PATH", "HOME", "LANG", "TZ", "NATS_URL", "WABHOOK_EVENT", "WABHOOK_ID", "WABHOOK_BRIDGE",
+                   "LC_CTYPE"}  # Python sets LC_CTYPE itself in a C locale (PEP 538)
+        self.assertEqual(set(env) - allowed, set(), env)
+
+    def read_json(self, name):
+        try:
+            with open(self.out_path(name), encoding="utf-8") as handle:
+                return json.load(handle)
+        except (FileNotFoundError, ValueError):
+            return None

@@ -463,6 +463,52 @@ class AcceptTest(HttpTestCase):
         self.assertEqual(self.event_count(), 2)
 
 
+class DeliverableOnlyTest(HttpTestCase):
+    """A 200 only for an event every handler can be given (issue: hostile traffic, item 5)."""
+
+    def test_bodies_no_handler_could_read_are_refused_with_a_reason(self):
+        server = self.start_server()
+        text = '{"event": "typing", "chat_id": "c1"}'
+        cases = [
+            (text.encode("utf-16-le"), "bad_json"),        # no BOM: valid UTF-8 full of NUL bytes
+            (text.encode("utf-16"), "bad_json"),
+            (text.encode("utf-32-le"), "bad_json"),
+            (b'{"event": "typing", "n": NaN}', "bad_json"),
+            (b'{"event": "typing", "n": Infinity}', "bad_json"),
+            (b'{"event": "typing", "n": -Infinity}', "bad_json"),
+            (b'{"event": "typ\\u0000ing"}', "bad_event"),
+            (b'{"event": "\\ud800"}', "bad_event"),
+            (json.dumps({"event": "x" * 129}).encode(), "bad_event"),
+            (b'{"event": "typing", "chat_id": ' + b"[" * 100000 + b"]" * 100000 + b"}", "bad_json"),
+        ]
+        for body, code in cases:
+            with self.subTest(body=body[:40]):
+                mark = self.mark()
+                self.assertRejected(self.request(server, "POST", "/hook", body), 400, code, mark)
+        self.assertEqual(self.event_count(), 0)
+        self.assertServing(server)
+
+    def test_odd_but_valid_events_are_stored_and_reach_a_script_as_json(self):
+        self.write_handler("all.sh", "#!/bin/sh\ncat >> %s\necho >> %s\n" % (self.out_path("seen"),
+                                                                            self.out_path("seen")))
+        server = self.start_server()
+        bodies = [
+            json.dumps({"event": "x" * 128}),
+            json.dumps({"event": "typing", "chat_id": [[[[{"deep": 1}]]]] * 2, "contact_id": {"a": 1}}),
+            '{"event": "message", "chat_id": ' + "[" * 900 + "]" * 900 + ', "message_id": {"x": 1}}',
+            json.dumps({"event": "profile_picture_updated", "remove": [[[]]], "picture_id": "p", "timestamp": 1}),
+        ]
+        ids = []
+        for body in bodies:
+            status, reply = self.post(server, body)
+            self.assertEqual(status, 200, reply)
+            ids.append(reply["id"])
+        for event_id in ids:
+            self.wait_status(event_id, "done")
+        self.assertEqual([json.loads(line) for line in self.read_lines("seen") if line],
+                         [json.loads(body) for body in bodies])
+
+
 class FramingTest(HttpTestCase):
     """RFC 9112 framing: whatever a proxy in front may read differently is refused, never guessed."""
 
@@ -834,3 +880,39 @@ class TlsTest(HttpTestCase):
         self.assertEqual(self.event_count(), 0)
         status, reply = self.https_post(server, ssl.create_default_context(cafile=TLS_CERT))
         self.assertEqual(status, 200, reply)
+
+
+class ConnectionLimitTest(HttpTestCase):
+    def test_at_the_limit_the_idlest_connection_makes_room_and_busy_ones_make_new_ones_wait_outside(self):
+        server = self.start_server(max_connections=4)
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
+        try:
+            wait_until(lambda: len(server.front.connections) == 4, message="4 open connections")
+            self.assertServing(server)  # a fifth: one idle connection is closed for it
+            closed = [sock for sock in idle if select.select([sock], [], [], 0.5)[0] and sock.recv(1) == b""]
+            self.assertEqual(len(closed), 1)
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_until(lambda: not server.front.connections, message="the connections to close")
+        busy = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
+        try:
+            for sock in busy:
+                sock.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\n")  # a request in progress: not idle
+            wait_until(lambda: len([c for c in list(server.front.connections.values()) if c.buffer]) == 4,
+                       message="4 requests in progress")
+            mark = self.mark()
+            refused = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            try:
+                with self.assertRaises((ConnectionError, AssertionError)):
+                    refused.sendall(with_length(b"POST /hook HTTP/1.1\r\nHost: x\r\n", EVENT))
+                    read_response(refused)
+            finally:
+                refused.close()
+            wait_until(lambda: any("refused 1 connections" in line for line in self.log.messages()[mark:]),
+                       message="a log line about the refusal")
+        finally:
+            for sock in busy:
+                sock.close()
+        self.assertServing(server)
+        self.assertEqual(self.event_count(), 2)

@@ -508,3 +508,47 @@ class LoggingTest(WabhookTestCase):
         self.assertEqual([e for e in entries if e["level"] in ("debug", "info")], [])
         self.assertTrue(any(e.get("handler") == "message.bad.py" and e["level"] == "error" for e in entries), entries)
         self.assertFalse(any("hello from the handler" in e["message"] for e in entries))
+
+
+class NoInjectionTest(WabhookTestCase):
+    """Logs and CLI tables: no secret, no control character, no forged line (hostile traffic, items 6 and 8)."""
+
+    def test_the_token_is_never_logged_whatever_the_request(self):
+        process, port = self.start_process("--token", "S3CRET", "--access-log", "--log-level", "debug")
+        requests = [
+            b"POST /hook?token=S3CRET&note=a b HTTP/1.1\r\nHost: x\r\n\r\n",        # a request line refused
+            b"POST /hook?token=S3CRET HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",  # 431
+            b"POST /hook?token=S3CRET HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",  # 400 after auth
+            b"GET /metrics?token=S3CRET HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /hook HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer S3CRET\r\nContent-Length: 5\r\n\r\n[1,2]",
+        ]
+        for data in requests:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            try:
+                sock.sendall(data)
+                self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 "))
+            finally:
+                sock.close()
+        wait_until(lambda: self.process_log(process).count('"') >= 2 * len(requests),
+                   message="an access-log line per request")
+        self.assertEqual(self.terminate(process), 0)
+        self.assertNotIn("S3CRET", self.process_log(process))
+
+    def test_text_logs_and_cli_tables_escape_control_characters(self):
+        self.write_handler("all.sh", "#!/bin/sh\nprintf 'out\\033[2J\\r2099-01-01 00:00:00,000 INFO forged\\n'\n")
+        process, port = self.start_process()
+        status, reply = self.post(port, {"event": "x\x1b[31m\r\n7 2099-01-01 00:00:00  -  message done",
+                                         "chat_id": "c\x1bd"})
+        self.assertEqual(status, 200, reply)
+        self.wait_status(reply["id"], "done")
+        self.assertEqual(self.terminate(process), 0)
+        log = self.process_log(process)
+        self.assertIn("all.sh | out\\x1b[2J", log)
+        for line in log.splitlines():
+            self.assertNotRegex(line, r"[\x00-\x08\x0b-\x1f\x7f]", line)
+            self.assertFalse(line.startswith("2099"), line)
+        for command in (["events"], ["stats"]):
+            result = self.run_cli(*command, "--db", self.db)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertNotRegex(result.stdout, r"[\x00-\x08\x0b-\x1f\x7f]")
+            self.assertNotRegex(result.stdout, r"(?m)^7 2099")
