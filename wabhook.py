@@ -652,6 +652,7 @@ LEASE_SECONDS = 30.0
 # long enough for a monitor polling every 30 s to see a full disk.
 FAILED_COMMIT_MEMORY = 60.0
 FANOUT_BATCH = 500
+FILE_CHECK_SECONDS = 0.5  # how often the writer makes sure the inbox file is still the one it opened
 SQL_ROWS = 100  # rows per multi-row statement: 6 values each stay under SQLite's 999 variables
 
 
@@ -664,6 +665,15 @@ def _insert_rows(db, insert: str, placeholders: str, rows: List[tuple]) -> None:
     each step a round trip through the GIL)."""
     for part in _chunks(rows, SQL_ROWS):
         db.execute(insert + " " + ",".join([placeholders] * len(part)), [value for row in part for value in row])
+
+
+class _FileLost(Exception):
+    """The inbox file is no longer the one this process opened."""
+
+
+def _file_identity(path: str) -> Tuple[int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 class InboxUnavailable(Exception):
@@ -737,6 +747,8 @@ class Inbox:
         except sqlite3.Error as exc:
             raise InboxUnavailable("cannot open the inbox %s: %s (check that its folder exists and is writable,"
                                    " or pass --db)" % (path, exc)) from None
+        self._file_identity = _file_identity(path)
+        self._file_checked_at = float("-inf")
         self._writer = threading.Thread(target=self._write_batches, name="wabhook-inbox-writer", daemon=True)
         self._writer.start()
         try:
@@ -857,6 +869,7 @@ class Inbox:
         done: List[Tuple[_Write, object]] = []
         current = events
         try:
+            self._check_file()
             self._set_synchronous("FULL" if events else "NORMAL")
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -872,7 +885,7 @@ class Inbox:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, _FileLost) as exc:
             error = InboxUnavailable("inbox %s cannot commit: %s" % (self.path, exc))
             if events:
                 self._failed_commit = (time.monotonic(), str(error))
@@ -890,6 +903,24 @@ class Inbox:
         if any(not work.result[1] for work in events):
             self._failed_commit = None  # an event was stored: writes get through again
         return []
+
+    def _check_file(self) -> None:
+        """_FileLost if the inbox file was deleted or replaced since it was opened (looked at twice a second).
+
+        SQLite would go on writing into the unlinked file, and every event
+        acknowledged from then on would be gone at the next start.
+        """
+        now = time.monotonic()
+        if now - self._file_checked_at < FILE_CHECK_SECONDS:
+            return
+        self._file_checked_at = now
+        try:
+            identity = _file_identity(self.path)
+        except OSError:
+            identity = None
+        if identity != self._file_identity:
+            raise _FileLost("the file was deleted or replaced while wabhook ran; restart it (events stored"
+                            " since are in the old file, if a process still holds it)")
 
     def _set_synchronous(self, mode: str) -> None:
         if mode != self._synchronous:
@@ -1454,7 +1485,9 @@ class Registry:
         try:
             names = os.listdir(self.folder)
         except OSError:
-            names = []
+            # The folder itself is gone (moved, a deploy swapping it): nothing in it is
+            # trusted as deleted. The dispatcher waits for it (see Dispatcher._loop).
+            return
         for name in names:
             path = os.path.join(self.folder, name)
             try:
@@ -1485,6 +1518,9 @@ class Registry:
             if module_file and os.path.dirname(os.path.abspath(module_file)) == self.folder:
                 del sys.modules[module_name]
         self._loaded = {name: h for name, h in self._loaded.items() if h.kind != "python"}
+
+    def folder_missing(self) -> bool:
+        return not os.path.isdir(self.folder)
 
     def names(self) -> List[str]:
         """Every handler present now (or gone for less than SETTLE_SECONDS), sorted."""
@@ -1752,6 +1788,7 @@ class Dispatcher:
 
     def _loop(self) -> None:
         last_upkeep, last_prune, last_fan_out, failing = 0.0, float("-inf"), float("-inf"), False
+        folder_missing = False
         prune_every = max(1.0, min(PRUNE_EVERY_SECONDS, self.config.retention))
         while not self._stopping.is_set():
             self._wake.clear()
@@ -1769,7 +1806,16 @@ class Dispatcher:
                 self._abandon_overdue_runs()
                 self._retry_unrecorded()
                 claims, wait = [], IDLE_POLL_SECONDS
-                if self._wants_claims() or now - last_fan_out >= IDLE_POLL_SECONDS:
+                if self.registry.folder_missing():
+                    # Not a folder of no handlers: fanning out now would mark every event done.
+                    if not folder_missing:
+                        self.log.error("the handlers folder %s is missing; events are stored and wait for"
+                                       " it to come back", self.registry.folder)
+                    folder_missing = True
+                elif self._wants_claims() or now - last_fan_out >= IDLE_POLL_SECONDS:
+                    if folder_missing:
+                        self.log.info("the handlers folder %s is back; dispatching resumes", self.registry.folder)
+                    folder_missing = False
                     # With enough claimed, new events are still fanned out (so an event no
                     # handler wants is done) once a poll, not once an ack.
                     last_fan_out = now
@@ -1882,6 +1928,9 @@ class Dispatcher:
                 if run.abandoned:
                     return True
                 self._runs.pop(worker_id, None)
+            if outcome == "released":  # the whole handlers folder vanished: nothing ran, nothing counts
+                self.inbox.release_leases(self.owner, claim.event_id, claim.handlers[index:])
+                return False
             self._record(claim, handler_name, outcome, error, duration)
         return False
 
@@ -1897,6 +1946,8 @@ class Dispatcher:
                 handler.run(event, claim.body, self.log)
             return "ok", None, time.monotonic() - started
         except HandlerGone as exc:
+            if self.registry.folder_missing():
+                return "released", str(exc), time.monotonic() - started
             return "skipped", str(exc), time.monotonic() - started
         except (HandlerFailed, HandlerLoadError) as exc:
             return "failed", str(exc), time.monotonic() - started
@@ -3103,6 +3154,9 @@ class Server:
 
     def health(self) -> Tuple[int, dict]:
         payload = {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - self.started_at, 3)}
+        if self.registry.folder_missing():
+            payload.update(status="unavailable", error="the handlers folder is missing")
+            return 503, payload
         try:
             self.inbox.check_writable()
             payload.update(self.inbox.counts(("pending", "dead")))

@@ -580,3 +580,39 @@ class AckAfterCommitTest(WabhookTestCase):
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
         event_id = json.loads(reply.partition(b"\r\n\r\n")[2])["id"]
         self.assertEqual(self.query("SELECT id FROM events"), [(event_id,)])
+
+
+class LostFilesTest(WabhookTestCase):
+    def test_a_deleted_inbox_file_turns_posts_and_healthz_into_503_within_a_second(self):
+        server = self.start_server()
+        self.assertEqual(self.post(server, message("before"))[0], 200)
+        os.remove(self.db)
+        deleted = time.monotonic()
+        replies = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(self.post(server, message("x"))),
+                             message="a 503 once the file is gone")
+        self.assertLess(time.monotonic() - deleted, 5.0)
+        self.assertEqual(replies[1]["error"], "inbox_unavailable")
+        self.assertEqual(self.request(server, "GET", "/healthz")[0], 503)
+        self.assertTrue(any("deleted or replaced" in line for line in self.log.messages()), self.log.messages())
+
+    def test_while_the_handlers_folder_is_gone_events_wait_and_none_is_marked_done(self):
+        self.write_handler("message.py", "def handle(event):\n    open(%r, 'a').write('%%d\\n' %% event.id)\n"
+                           % self.out_path("seen"))
+        server = self.start_server()
+        first = self.post(server, message("m1"))[1]["id"]
+        wait_until(lambda: self.read_lines("seen") == [str(first)], message="the first event handled")
+        away = self.handlers + "-away"
+        os.rename(self.handlers, away)
+        ids = [self.post(server, message("m%d" % n))[1]["id"] for n in range(2, 5)]
+        wait_until(lambda: any("handlers folder" in line and "missing" in line for line in self.log.messages()),
+                   message="a log line about the missing folder")
+        self.assertEqual(self.request(server, "GET", "/healthz")[0], 503)
+        deadline = time.monotonic() + 1.5  # past SETTLE_SECONDS, when a missing file counts as deleted
+        while time.monotonic() < deadline:
+            self.assertEqual([self.event_status(event_id) for event_id in ids], ["pending"] * 3)
+            time.sleep(0.05)
+        os.rename(away, self.handlers)
+        for event_id in ids:
+            self.wait_status(event_id, "done")
+        self.assertEqual(self.read_lines("seen"), [str(event_id) for event_id in [first] + ids])
+        self.assertEqual(self.request(server, "GET", "/healthz")[0], 200)
