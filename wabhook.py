@@ -115,6 +115,8 @@ OPTIONS = (
     Option("max_connections", 1000, "count", "open HTTP connections at most; at the limit the idlest"
            " keep-alive one is closed to make room, else a new one is refused"),
     Option("max_body", "1MiB", "size", "largest accepted request body"),
+    Option("max_inflight", "64MiB", "size", "request body bytes held in memory at once, over all connections;"
+           " a body that does not fit gets 503 busy"),
     Option("retention", "7d", "duration", "how long dedup keys and delivered events are kept"),
     Option("dedup_window", "0", "duration", "drop byte-identical events without identity within this window (0: off)"),
     Option("token", None, "secret", "shared secret every POST must present (?token=, Bearer, Basic password)"),
@@ -153,6 +155,7 @@ class Config:
     timeout: float = 30.0
     max_connections: int = 1000
     max_body: int = 1024 * 1024
+    max_inflight: int = 64 * 1024 * 1024
     retention: float = 7 * 86400.0
     dedup_window: float = 0.0
     token: Optional[str] = None
@@ -2426,7 +2429,7 @@ class _Connection:
     """One client connection as the front sees it: bytes in, the request being read, bytes out."""
 
     __slots__ = ("sock", "peer", "buffer", "out", "deadline", "request", "started", "body", "busy",
-                 "close_after", "handshaking", "eof", "writing")
+                 "close_after", "handshaking", "eof", "writing", "reserved")
 
     def __init__(self, sock: socket.socket, peer: str, deadline: float, handshaking: bool):
         self.sock, self.peer, self.deadline, self.handshaking = sock, peer, deadline, handshaking
@@ -2438,6 +2441,7 @@ class _Connection:
         self.close_after = False
         self.eof = False
         self.writing = False                      # registered for EVENT_WRITE: a reply did not fit the socket
+        self.reserved = 0                         # bytes of --max-inflight held for its body
 
 
 # How often the front looks for connections past their deadline, and for a stop.
@@ -2464,6 +2468,7 @@ class HTTPFront:
         self.app, self.config, self.listener = app, app.config, listener
         self.selector = selectors.DefaultSelector()
         self.connections: Dict[int, _Connection] = {}
+        self._inflight = 0  # bytes reserved by the bodies being read (--max-inflight)
         self._completed: "collections.deque" = collections.deque()  # (connection, reply function)
         self._wakeup_receiver, self._wakeup_sender = socket.socketpair()
         self._wakeup_pending = False
@@ -2669,6 +2674,7 @@ class HTTPFront:
         so that no other thread ever writes to a descriptor number the kernel has handed on."""
         if connection.sock.fileno() < 0:
             return
+        self._release(connection)
         self.connections.pop(connection.sock.fileno(), None)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.selector.unregister(connection.sock)
@@ -2718,10 +2724,23 @@ class HTTPFront:
             raise LengthRequired("length_required", "send Content-Length or a chunked body", close=True)
         if request.length > config.max_body:
             raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % config.max_body, close=True)
+        self._reserve(connection, config.max_body if request.chunked else request.length)
         connection.body = _ChunkedBody(config.max_body) if request.chunked else request.length
         if request.headers.get("Expect", "").lower() == "100-continue" and not connection.buffer:
             connection.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._read_body(connection)
+
+    def _reserve(self, connection: _Connection, size: int) -> None:
+        """Count a body against --max-inflight before reading it (a chunked one at --max-body)."""
+        if self._inflight + size > self.config.max_inflight:
+            raise ServiceUnavailable("busy", "too many request bodies are being received; send again shortly",
+                                     close=True, headers=(("Retry-After", "1"),))
+        self._inflight += size
+        connection.reserved = size
+
+    def _release(self, connection: _Connection) -> None:
+        self._inflight -= connection.reserved
+        connection.reserved = 0
 
     def _read_body(self, connection: _Connection) -> bool:
         """Take the body from the buffer once it is all in, and hand the event on; False while it is not."""
@@ -2739,6 +2758,7 @@ class HTTPFront:
                                  close=True)
             return False
         connection.body = None
+        self._release(connection)
         request.length, request.chunked = 0, False  # read whole: the connection can carry the next request
         if self.app.signing_key is not None:
             verify_signature(self.app.signing_key, request.headers, body)
@@ -2832,6 +2852,7 @@ class HTTPFront:
             self.app.log.info('%s "%s %s" %d%s', connection.peer, _printable(request.method) if request else "-",
                               _printable(request.path) if request else "-", status, took)
         connection.request, connection.body, connection.started = None, None, None
+        self._release(connection)
         connection.close_after = close
         connection.deadline = time.monotonic() + self.config.timeout  # for the next request
         self._flush(connection)

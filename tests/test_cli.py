@@ -64,6 +64,7 @@ OPTION_CASES = {
     "timeout": ("1h", 3600.0, "15s", 15.0),
     "max_connections": ("200", 200, "5000", 5000),
     "max_body": ("512KiB", 512 * 1024, "2MiB", 2 * 1024 * 1024),
+    "max_inflight": ("8MiB", 8 * 1024 * 1024, "1g", 1024 ** 3),
     "retention": ("2d", 2 * 86400.0, "12h", 12 * 3600.0),
     "dedup_window": ("30", 30.0, "5m", 300.0),
     "token": ("env-token", "env-token", "flag-token", "flag-token"),

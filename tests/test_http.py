@@ -916,3 +916,24 @@ class ConnectionLimitTest(HttpTestCase):
                 sock.close()
         self.assertServing(server)
         self.assertEqual(self.event_count(), 2)
+
+
+class InflightBudgetTest(HttpTestCase):
+    def test_a_body_over_the_inflight_budget_is_503_busy_until_the_others_are_read(self):
+        server = self.start_server(max_inflight=1000, max_body=800)
+        body = b'{"event": "typing", "pad": "' + b"x" * 560 + b'"}'
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        try:
+            slow.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+            wait_until(lambda: any(c.reserved for c in list(server.front.connections.values())),
+                       message="the slow body to hold its share")
+            mark = self.mark()
+            response = self.raw(server, with_length(b"POST /hook HTTP/1.1\r\nHost: x\r\n", body))
+            self.assertRejected(response, 503, "busy", mark)
+            self.assertEqual(response[1].get("retry-after"), "1")
+            self.assertEqual(self.post(server, EVENT)[0], 200)  # a small one still fits
+            slow.sendall(body[10:])
+            self.assertEqual(read_response(slow)[0], 200)
+        finally:
+            slow.close()
+        self.assertEqual(self.raw(server, with_length(b"POST /hook HTTP/1.1\r\nHost: x\r\n", body))[0], 200)
