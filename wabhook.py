@@ -1143,6 +1143,11 @@ class Inbox:
             return recovered
         return self._write(recover)
 
+    def stuck_deliveries(self, running_longer_than: float) -> int:
+        """How many deliveries have been running longer than that: a lane that no longer moves."""
+        return self._read("SELECT COUNT(*) FROM deliveries WHERE status = 'running' AND updated_at < ?",
+                          (time.time() - running_longer_than,))[0][0]
+
     def next_retry_at(self) -> Optional[float]:
         """When the next delivery waiting for a retry becomes due (None: none waits)."""
         row = self._read("SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'"
@@ -1912,10 +1917,9 @@ class Dispatcher:
     def _fail_claim(self, claim: Claim, error: str) -> None:
         """Record the claim's unfinished runs as failed, so a lasting bug is retried with backoff, not spun."""
         self.log.error("failed while running event %d:\n%s", claim.event_id, error)
-        for handler in claim.handlers:
+        for handler in claim.handlers:  # runs recorded already are skipped: their lease is gone
             status, retry_at = self.after_failure(claim.attempts.get(handler, 1))
-            with contextlib.suppress(Exception):  # record_outcome skips runs already recorded
-                self.inbox.record_outcome(claim.event_id, handler, self.owner, status, error, retry_at)
+            self._store_outcome((claim.event_id, handler, status, error, retry_at))
 
     def _run_claim(self, worker_id: int, claim: Claim) -> bool:
         """Run every handler of a claim in turn; True if the watchdog abandoned this thread."""
@@ -3183,6 +3187,12 @@ class Server:
             payload.update(self.inbox.counts(("pending", "dead")))
             payload["handlers"] = len(self.registry.names())
             payload["running"] = self.dispatcher.busy
+            # A run ends by --script-timeout; one still "running" a lease later holds its chat up.
+            payload["stuck"] = self.inbox.stuck_deliveries(self.config.script_timeout + LEASE_SECONDS)
+            if payload["stuck"]:
+                payload.update(status="stuck", error="deliveries have been running for longer than"
+                                                     " --script-timeout: their chats do not move")
+                return 503, payload
             return 200, payload
         except InboxUnavailable as exc:
             self.log.error("health check: %s", exc)

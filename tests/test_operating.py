@@ -552,3 +552,20 @@ class NoInjectionTest(WabhookTestCase):
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertNotRegex(result.stdout, r"[\x00-\x08\x0b-\x1f\x7f]")
             self.assertNotRegex(result.stdout, r"(?m)^7 2099")
+
+
+class StuckLaneTest(WabhookTestCase):
+    def test_healthz_is_503_while_a_delivery_runs_past_the_script_timeout_and_its_lease(self):
+        server = self.start_server(script_timeout=1.0)
+        event_id = self.post(server, {"event": "typing", "chat_id": "c1"})[1]["id"]
+        connection = sqlite3.connect(self.db, isolation_level=None, timeout=10)
+        try:  # as a process whose outcome never reached the file leaves it
+            connection.execute("INSERT INTO deliveries (event_id, handler, lane, status, attempts, lease_owner,"
+                               " lease_until, updated_at) VALUES (?, 'typing.py', 'l', 'running', 1, 'elsewhere:1:x',"
+                               " ?, ?)", (event_id, time.time() + 600, time.time() - 3600))
+        finally:
+            connection.close()
+        status, _headers, data = self.request(server, "GET", "/healthz")
+        self.assertEqual((status, json.loads(data)["status"], json.loads(data)["stuck"]), (503, "stuck", 1))
+        self.query("SELECT 1")  # nothing else is broken: the inbox reads and writes
+        self.assertEqual(self.post(server, {"event": "typing", "chat_id": "c2"})[0], 200)
