@@ -13,14 +13,17 @@ import http.client
 import itertools
 import json
 import os
+import re
 import select
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import warnings
 
-from tests.support import WabhookTestCase, wait_until
+from tests.support import SCRIPT, WabhookTestCase, wait_until
 
 import wabhook
 
@@ -937,3 +940,36 @@ class InflightBudgetTest(HttpTestCase):
         finally:
             slow.close()
         self.assertEqual(self.raw(server, with_length(b"POST /hook HTTP/1.1\r\nHost: x\r\n", body))[0], 200)
+
+
+class DescriptorExhaustionTest(HttpTestCase):
+    def test_out_of_descriptors_the_server_says_so_once_and_serves_again_once_they_free_up(self):
+        import resource
+
+        def low_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))  # hard too: the server cannot raise it
+
+        log_path = self.out_path("server.log")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, SCRIPT, "serve", "--host", "127.0.0.1", "--port", "0", "--db", self.db,
+                 "--handlers", self.handlers], stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_limit)
+        self.processes.append(process)
+        process.log_path = log_path
+        port = int(wait_until(lambda: re.search(r"listening on http://[^:]+:(\d+)", self.process_log(process)),
+                              message="the server to listen").group(1))
+        flood = []
+        try:
+            for _ in range(60):  # more than its descriptors: the last ones wait in the listen backlog
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\n")  # requests in progress: none is idle
+                flood.append(sock)
+            wait_until(lambda: "cannot accept connections" in self.process_log(process),
+                       message="a log line about the descriptors")
+        finally:
+            for sock in flood:
+                sock.close()
+        status, reply = self.post(port, EVENT)
+        self.assertEqual(status, 200, reply)
+        self.assertEqual(self.process_log(process).count("cannot accept connections"), 1)
+        self.assertIsNone(process.poll())
