@@ -590,7 +590,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     event_id        INTEGER NOT NULL,
     handler         TEXT NOT NULL,          -- the handler's file name
     lane            TEXT NOT NULL,
-    status          TEXT NOT NULL,          -- pending | running | done | dead
+    status          TEXT NOT NULL,          -- pending | running | done | dead | skipped
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     lease_owner     TEXT,
@@ -1065,7 +1065,8 @@ class Inbox:
     def record_outcome(self, event_id: int, handler: str, owner: str, status: str,
                        error: Optional[str] = None, retry_at: float = 0.0,
                        on_done: Optional[Callable[[Optional[bool], Optional[Exception]], None]] = None):
-        """Store how one run ended: status done, pending (retry at `retry_at`) or dead.
+        """Store how one run ended: status done, skipped (its file is gone), pending (retry at `retry_at`)
+        or dead.
 
         Only a delivery this owner still holds is updated, so a run that
         outlived its lease (or a shutdown) cannot overwrite a newer state.
@@ -1218,7 +1219,11 @@ class Inbox:
 
     def list_events(self, status: Optional[str] = None, limit: int = 20) -> List[dict]:
         """The newest events (optionally of one status), each with its deliveries."""
-        if status:
+        if status == "skipped":  # a delivery status: the events with one
+            rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events WHERE id IN"
+                              " (SELECT event_id FROM deliveries WHERE status = 'skipped')"
+                              " ORDER BY id DESC LIMIT ?", (limit,))
+        elif status:
             rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events"
                               " WHERE status = ? ORDER BY id DESC LIMIT ?", (status, limit))
         else:
@@ -1758,6 +1763,7 @@ class Dispatcher:
         self._tasks: "queue.Queue[Optional[Claim]]" = queue.Queue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._stop_waiting = threading.Event()
         self._idle = threading.Condition()
         self._busy = 0
         self._runs: Dict[int, _Run] = {}
@@ -1977,7 +1983,7 @@ class Dispatcher:
             status, retry_at = "done", 0.0
             self.log.debug("handler %s handled event %d in %.3fs", handler, claim.event_id, duration, extra=extra)
         elif outcome == "skipped":
-            status, retry_at = "done", 0.0
+            status, retry_at = "skipped", 0.0  # shown as such: the handler never saw the event
             self.log.warning("handler %s skipped event %d: %s", handler, claim.event_id, error, extra=extra)
         else:
             status, retry_at = self.after_failure(attempt)
@@ -2022,8 +2028,13 @@ class Dispatcher:
 
     # -- shutdown ----------------------------------------------------------
 
+    def stop_waiting(self) -> None:
+        """End stop()'s wait for running handlers now (a second SIGTERM); safe from a signal handler."""
+        self._stop_waiting.set()
+
     def stop(self, timeout: float) -> bool:
-        """Stop claiming, let running handlers finish within `timeout`, give back the rest.
+        """Stop claiming, let running handlers finish within `timeout` (or until stop_waiting()),
+        give back the rest.
 
         True if every running handler finished in time.
         """
@@ -2043,12 +2054,16 @@ class Dispatcher:
                     self._busy -= 1
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._busy > 0 and time.monotonic() < deadline:
+            while self._busy > 0 and time.monotonic() < deadline and not self._stop_waiting.is_set():
                 self._idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             finished = self._busy <= 0
         if not finished:
-            self.log.warning("%d handler runs did not finish within %gs; they go back to the inbox",
-                             self._busy, timeout)
+            if self._stop_waiting.is_set():
+                self.log.warning("a second signal: %d running handler runs abandoned; they go back to the"
+                                 " inbox", self._busy)
+            else:
+                self.log.warning("%d handler runs did not finish within %gs; they go back to the inbox",
+                                 self._busy, timeout)
             with contextlib.suppress(InboxUnavailable):
                 self.inbox.release_leases(self.owner)
             self.registry.kill_running()
@@ -3213,7 +3228,11 @@ def serve(config: Config, log: logging.Logger) -> int:
     stop_requested = threading.Event()
 
     def on_signal(signum, frame):
-        stop_requested.set()  # only a flag: the main loop below does the work
+        # Only flags: the main loop below does the work. A second signal ends the
+        # wait for running handlers at once.
+        if stop_requested.is_set():
+            server.dispatcher.stop_waiting()
+        stop_requested.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -3326,7 +3345,8 @@ def build_parser() -> argparse.ArgumentParser:
             "python wabhook.py check --handlers ./handlers")
     events = command("events", "list the newest events in the inbox and their deliveries",
                      "python wabhook.py events --status dead --limit 50")
-    events.add_argument("--status", choices=("pending", "done", "dead"), help="only events with this status")
+    events.add_argument("--status", choices=("pending", "done", "dead", "skipped"),
+                        help="only events with this status (skipped: a handler's file was gone when it ran)")
     events.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     events.add_argument("--json", action="store_true", help="print JSON for scripts")
     replay = command("replay", "queue events again: their dead deliveries, or every handler anew",

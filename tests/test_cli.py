@@ -525,3 +525,20 @@ class ServeTest(CliTestCase):
         self.wait_status(second_id, "done")
         self.assertEqual(self.cli("events", "--status", "dead", "--db", self.db).stdout.strip(), "no events")
         self.assertEqual(self.terminate(process), 0)
+
+
+class SkippedShownTest(WabhookTestCase):
+    def test_a_delivery_whose_handler_file_was_removed_shows_as_skipped_not_done(self):
+        doomed = self.write_handler("message.b.py", "def handle(event):\n    pass\n")
+        # The handlers of an event run in name order: a.py removes b.py before b's turn.
+        self.write_handler("message.a.py", "import os\ndef handle(event):\n    os.remove(%r)\n" % doomed)
+        server = self.start_server()
+        event_id = self.post(server, MESSAGE)[1]["id"]
+        self.wait_status(event_id, "done")
+        result = self.run_cli("events", "--db", self.db)
+        self.assertIn("message.b.py:skipped(1)", result.stdout)
+        self.assertNotIn("message.b.py:done", result.stdout)
+        result = self.run_cli("events", "--db", self.db, "--status", "skipped")
+        self.assertIn("message.a.py:done(1) message.b.py:skipped(1)", result.stdout)
+        stats = json.loads(self.run_cli("stats", "--db", self.db, "--json").stdout)
+        self.assertEqual(stats["deliveries_by_handler"]["message.b.py"], {"skipped": 1})

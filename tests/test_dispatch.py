@@ -691,3 +691,19 @@ class RetryDecisionTest(DispatchTestCase):
             self.assertLessEqual(retry_at - time.time(), delay * 1.25 + 0.01)
         self.assertEqual(decide(3), ("dead", 0.0))
         self.assertEqual(decide(4), ("dead", 0.0))
+
+
+class SecondSignalTest(DispatchTestCase):
+    def test_a_second_signal_ends_the_wait_for_running_handlers_and_says_how_many(self):
+        self.handler("message.py", HUNG)
+        process, port = self.start_process("--shutdown-timeout", "60", "--script-timeout", "120")
+        event_id = self.post_id(port, message())
+        wait_until(lambda: os.path.exists(self.out_path("started-%d" % event_id)), message="the handler to start")
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "shutting down" in self.process_log(process), message="the first signal's log line")
+        self.assertIsNone(process.poll(), "the process waits for its running handler")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=20), 0)  # not the 60 s of --shutdown-timeout
+        self.assertIn("1 running handler runs abandoned", self.process_log(process))
+        self.assertEqual(self.event_status(event_id), "pending")
+        self.assertEqual(self.deliveries(event_id)["message.py"][:2], ("pending", 0))  # no attempt used

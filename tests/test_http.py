@@ -917,6 +917,7 @@ class ConnectionLimitTest(HttpTestCase):
         finally:
             for sock in busy:
                 sock.close()
+        wait_until(lambda: not server.front.connections, message="the server to see them closed")
         self.assertServing(server)
         self.assertEqual(self.event_count(), 2)
 
