@@ -90,6 +90,7 @@ EVENT_TYPES = (
     "profile_picture_updated",
 )
 ALL_EVENTS = "all"  # handler prefix that receives every event, unknown types included
+SCRIPT_EVENT_VARIABLES = ("WABHOOK_EVENT", "WABHOOK_ID", "WABHOOK_BRIDGE")  # what a script is told of its event
 
 BRIDGE_LABEL = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 COMMANDS = ("serve", "send", "check", "events", "replay", "stats")
@@ -198,6 +199,26 @@ def parse_size(text) -> int:
     return int(match.group(1)) * SIZE_UNITS[match.group(2)]
 
 
+def _whole_number(value, expected: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not re.fullmatch(r"\s*[0-9]{1,9}\s*", str(value)):
+        raise ValueError(expected)
+    return int(value)
+
+
+def unknown_settings(environ: Dict[str, str]) -> List[str]:
+    """A warning for each WABHOOK_* variable that is no setting (a typo would otherwise be ignored silently)."""
+    known = {env_name(option.name) for option in OPTIONS} | set(SCRIPT_EVENT_VARIABLES)
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith("WABHOOK_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            warnings.append("%s is not a wabhook setting and is ignored%s" % (
+                name, "; did you mean %s?" % close[0] if close else " (see --help for the WABHOOK_ variables)"))
+    return warnings
+
+
 def _convert_option(option: Option, value):
     kind = option.kind
     if isinstance(kind, tuple):
@@ -222,12 +243,12 @@ def _convert_option(option: Option, value):
             raise ValueError("expected at least 1 byte")
         return size
     if kind == "port":
-        port = int(value)
+        port = _whole_number(value, "expected a port from 0 to 65535")
         if not 0 <= port <= 65535:
             raise ValueError("expected a port from 0 to 65535")
         return port
     if kind == "count":
-        count = int(value)
+        count = _whole_number(value, "expected a whole number of at least 1")
         if count < 1:
             raise ValueError("expected a whole number of at least 1")
         return count
@@ -1667,6 +1688,8 @@ def check_handlers(folder: str) -> Tuple[List[str], List[Problem]]:
     """Load every handler in `folder`: (handler names that are fine, problems found)."""
     problems: List[Problem] = []
     good: List[str] = []
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return good, [Problem(folder, "is a file, not a folder: pass the folder your handlers are in")]
     if not os.path.isdir(folder):
         return good, [Problem(folder, "the handlers folder does not exist (create it, or pass --handlers DIR)")]
     known = set(EVENT_TYPES) | {ALL_EVENTS}
@@ -2173,6 +2196,15 @@ def signing_key(secret: str) -> bytes:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise ConfigError("--secret must be base64 (a whsec_... secret from the sender)") from None
+
+
+def sign_body(key: bytes, body: bytes, now: Optional[float] = None) -> Dict[str, str]:
+    """Standard Webhooks headers for a body: what `send --secret` (and a sender that signs) adds."""
+    message_id = "msg_" + secrets.token_hex(12)
+    timestamp = str(int(time.time() if now is None else now))
+    signed = ("%s.%s." % (message_id, timestamp)).encode("ascii") + body
+    signature = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
+    return {"webhook-id": message_id, "webhook-timestamp": timestamp, "webhook-signature": "v1," + signature}
 
 
 def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = None) -> None:
@@ -3051,6 +3083,9 @@ class Server:
         self.accepting = False
         self.signing_key = signing_key(config.secret) if config.secret else None
         self.metrics = Metrics()
+        if os.path.exists(config.handlers) and not os.path.isdir(config.handlers):
+            raise ServerError("--handlers %s is a file, not a folder: pass the folder your handlers are in"
+                              % config.handlers)
         if not os.path.isdir(config.handlers):
             try:
                 os.makedirs(config.handlers)
@@ -3318,11 +3353,23 @@ def _option_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _positive(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError("expected a whole number of at least 1, such as 50")
+    return int(text)
+
+
+def _program_name() -> str:
+    """How the user ran us, for usage and examples: `wabhook` once installed, else `python wabhook.py`."""
+    name = os.path.basename(sys.argv[0] or "")
+    return "wabhook" if name == "wabhook" else "python wabhook.py"
+
+
+def build_parser(prog: str = "python wabhook.py") -> argparse.ArgumentParser:
     options = _option_parser()
     parser = argparse.ArgumentParser(
-        prog="wabhook.py", description="Receive WhatsApp bridge webhooks and run your handlers for each event.",
-        epilog="Without a command, wabhook serves: python wabhook.py --port 3000",
+        prog=prog, description="Receive WhatsApp bridge webhooks and run your handlers for each event.",
+        epilog="Without a command, wabhook serves: %s --port 3000" % prog,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="wabhook " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -3333,28 +3380,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
     command("serve", "receive events and run handlers (the default command)",
-            "python wabhook.py serve --port 3000 --token s3cret")
+            prog + " serve --port 3000 --token s3cret")
     send = command("send", "post the documented sample of an event to a running server",
-                   "python wabhook.py send message --set body=hi --set from_me=false")
+                   prog + " send message --set body=hi --set from_me=false")
     send.add_argument("event", choices=EVENT_TYPES, metavar="EVENT", help="one of: " + ", ".join(EVENT_TYPES))
     send.add_argument("--url", help="where to post (default: this config's own address and --path)")
     send.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="change a field; VALUE is read as JSON when it parses (42, true, [\"a\"]), else text")
     send.add_argument("--bridge", metavar="LABEL", help="post to <path>/LABEL")
     command("check", "load every handler and report problems (exit 1 if any)",
-            "python wabhook.py check --handlers ./handlers")
+            prog + " check --handlers ./handlers")
     events = command("events", "list the newest events in the inbox and their deliveries",
-                     "python wabhook.py events --status dead --limit 50")
+                     prog + " events --status dead --limit 50")
     events.add_argument("--status", choices=("pending", "done", "dead", "skipped"),
                         help="only events with this status (skipped: a handler's file was gone when it ran)")
-    events.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    events.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
     events.add_argument("--json", action="store_true", help="print JSON for scripts")
     replay = command("replay", "queue events again: their dead deliveries, or every handler anew",
-                     "python wabhook.py replay 41 42   |   python wabhook.py replay --dead")
+                     "%s replay 41 42   |   %s replay --dead" % (prog, prog))
     replay.add_argument("ids", nargs="*", type=int, metavar="ID", help="inbox ids (see `events`)")
     replay.add_argument("--dead", action="store_true", help="every dead-lettered event")
     stats = command("stats", "counts of events by status and type, deliveries by handler",
-                    "python wabhook.py stats --json")
+                    prog + " stats --json")
     stats.add_argument("--json", action="store_true", help="print JSON for scripts")
     return parser
 
@@ -3423,16 +3470,21 @@ def cmd_send(config: Config, args, log: logging.Logger) -> int:
         print("error: --bridge takes 1 to 128 of A-Z a-z 0-9 . _ : -", file=sys.stderr)
         return 2
     url = args.url
+    if url and "://" not in url:
+        url = "http://" + url  # host:port/hook
     if not url:
         host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
         host = "[%s]" % host if ":" in host else host
         url = "%s://%s:%d%s" % ("https" if config.tls_cert else "http", host, config.port, config.path)
     if args.bridge:
         url = url.rstrip("/") + "/" + args.bridge
+    body = json.dumps(payload).encode("utf-8")
     headers = {"Content-Type": "application/json"}
     if config.token:
         headers["Authorization"] = "Bearer " + config.token
-    request = urllib.request.Request(url, data=json.dumps(payload).encode("utf-8"), headers=headers, method="POST")
+    if config.secret:
+        headers.update(sign_body(signing_key(config.secret), body))
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             print("%d %s" % (response.status, response.read().decode("utf-8", "replace")))
@@ -3442,8 +3494,8 @@ def cmd_send(config: Config, args, log: logging.Logger) -> int:
         return 1
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        print("error: cannot reach %s: %s (is the server running? python wabhook.py --port %d)"
-              % (url, reason, config.port), file=sys.stderr)
+        print("error: cannot reach %s: %s (is the server running? %s --port %d)"
+              % (url, reason, _program_name(), config.port), file=sys.stderr)
         return 1
 
 
@@ -3510,9 +3562,17 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     """The command line: `wabhook.py [COMMAND] [flags]`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ if environ is None else environ)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+    prog = _program_name()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        print("error: %r is not a command%s; the commands are %s (see %s --help)" % (
+            argv[0], " (did you mean %s?)" % close[0] if close else "", ", ".join(COMMANDS), prog), file=sys.stderr)
+        return 2
+    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv = ["serve"] + argv
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
+    for warning in unknown_settings(environ):
+        print("warning: %s" % warning, file=sys.stderr)
     try:
         config = build_config(vars(args), environ)
     except ConfigError as exc:

@@ -8,6 +8,7 @@ do (port in use, inbox not writable) without a traceback; the bare command
 serving; and the README's walk-through from first event to a replayed dead letter.
 """
 
+import base64
 import json
 import os
 import re
@@ -542,3 +543,41 @@ class SkippedShownTest(WabhookTestCase):
         self.assertIn("message.a.py:done(1) message.b.py:skipped(1)", result.stdout)
         stats = json.loads(self.run_cli("stats", "--db", self.db, "--json").stdout)
         self.assertEqual(stats["deliveries_by_handler"]["message.b.py"], {"skipped": 1})
+
+
+class ClearMistakesTest(CliTestCase):
+    """The mistakes a person makes first, each met with one sentence naming the fix."""
+
+    def test_each_mistake_gets_one_sentence_naming_the_fix(self):
+        handlers_file = self.out_path("handlers.txt")
+        open(handlers_file, "w").close()
+        cases = [
+            (["evnts"], {}, 2, "'evnts' is not a command (did you mean events?)"),
+            (["--port", "abc"], {}, 2, "--port='abc': expected a port from 0 to 65535"),
+            (["events", "--limit", "0"], {}, 2, "--limit: expected a whole number of at least 1"),
+            (["serve", "--handlers", handlers_file, "--port", "0"], {}, 1, "is a file, not a folder"),
+            (["check", "--handlers", handlers_file], {}, 1, "is a file, not a folder"),
+        ]
+        for args, env, status, sentence in cases:
+            with self.subTest(args=args):
+                result = self.run_cli(*args, env=env)
+                self.assertEqual(result.returncode, status, result.stdout + result.stderr)
+                self.assertIn(sentence, result.stdout + result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+    def test_an_unknown_wabhook_variable_is_named_with_the_closest_setting(self):
+        result = self.run_cli("stats", "--db", self.out_path("none.db"), env={"WABHOOK_PORTT": "3001"})
+        self.assertIn("warning: WABHOOK_PORTT is not a wabhook setting and is ignored; did you mean WABHOOK_PORT?",
+                      result.stderr)
+        quiet = self.run_cli("stats", "--db", self.out_path("none.db"),
+                             env={"WABHOOK_EVENT": "message", "WABHOOK_ID": "1", "WABHOOK_BRIDGE": ""})
+        self.assertNotIn("warning", quiet.stderr)  # a script's own event variables are no mistake
+
+    def test_send_signs_with_the_secret_and_takes_a_url_without_a_scheme(self):
+        secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+        server = self.start_server(secret=secret)
+        result = self.run_cli("send", "message", "--url", "127.0.0.1:%d/hook" % server.port, "--secret", secret)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertTrue(result.stdout.startswith("200 "), result.stdout)
+        unsigned = self.run_cli("send", "typing", "--url", "127.0.0.1:%d/hook" % server.port)
+        self.assertTrue(unsigned.stdout.startswith("401 "), unsigned.stdout)
