@@ -32,6 +32,7 @@ Handlers import the event types from here: `from wabhook import MessageEvent`.
 """
 
 import argparse
+import asyncio
 import base64
 import binascii
 import collections
@@ -44,6 +45,7 @@ import hashlib
 import hmac
 import http
 import importlib.util
+import inspect
 import ipaddress
 import json
 import logging
@@ -90,6 +92,7 @@ EVENT_TYPES = (
     "profile_picture_updated",
 )
 ALL_EVENTS = "all"  # handler prefix that receives every event, unknown types included
+KNOWN_PREFIXES = EVENT_TYPES + (ALL_EVENTS,)
 SCRIPT_EVENT_VARIABLES = ("WABHOOK_EVENT", "WABHOOK_ID", "WABHOOK_BRIDGE")  # what a script is told of its event
 
 BRIDGE_LABEL = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -1156,6 +1159,9 @@ class Inbox:
                     continue
                 error = "the process running this handler stopped during the run (%s)" % owner
                 status, retry_at = after_failure(attempts)
+                # Retried at once, not after a backoff: a killed run is its chat's head,
+                # and the chat's later events must not overtake it.
+                retry_at = now if status == "pending" else retry_at
                 db.execute("UPDATE deliveries SET status = ?, next_attempt_at = ?, last_error = ?,"
                            " lease_owner = NULL, lease_until = NULL, updated_at = ?"
                            " WHERE event_id = ? AND handler = ?",
@@ -1288,7 +1294,8 @@ OUTPUT_CHUNK = 16 * 1024
 
 
 class HandlerLoadError(Exception):
-    """A Python handler cannot be imported or has no handle(event)."""
+    """A handler cannot run: a Python one fails to import or has no usable handle(event), a script
+    has no exec bit or no interpreter line. Its message says what to fix."""
 
 
 class HandlerFailed(Exception):
@@ -1308,6 +1315,50 @@ def is_candidate(filename: str) -> bool:
     return not filename.startswith(("_", "."))
 
 
+def is_handler_file(filename: str, mode: int) -> bool:
+    """Whether a regular file of the handlers folder is a handler: the one definition, for the server and `check`.
+
+    `<event>[.<label>].py`, any executable `<event>[.<label>][.ext]`, and also a
+    file named after a documented event that cannot run (no exec bit): that
+    one is a broken handler whose events wait for the fix, not a file to ignore.
+    """
+    if not is_candidate(filename):
+        return False
+    return filename.endswith(".py") or _is_executable(mode) or handler_event(filename) in KNOWN_PREFIXES
+
+
+def script_problem(name: str, path: str) -> Optional[str]:
+    """Why an executable handler cannot run (the sentence `check` prints and the server logs), or None."""
+    if not _is_executable(os.stat(path).st_mode):
+        return "is not executable: run chmod +x %s (or name it .py and define handle(event))" % name
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if not start.startswith(b"#!") and start != b"\x7fELF":
+        return ("has no interpreter line: make its first line #!/bin/sh, or #!/usr/bin/env python3, or"
+                " whatever runs it")
+    return None
+
+
+def near_event(prefix: str) -> Optional[str]:
+    """The documented event a handler's name was probably meant for (within two edits), or None."""
+    if prefix in KNOWN_PREFIXES:
+        return None
+    distance, closest = min((_edit_distance(prefix, known), known) for known in KNOWN_PREFIXES)
+    return closest if distance <= 2 else None
+
+
+def _edit_distance(first: str, second: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions."""
+    previous = list(range(len(second) + 1))
+    for index, char in enumerate(first, 1):
+        current = [index]
+        for other_index, other in enumerate(second, 1):
+            current.append(min(previous[other_index] + 1, current[-1] + 1,
+                               previous[other_index - 1] + (char != other)))
+        previous = current
+    return previous[-1]
+
+
 def _signature(path: str):
     st = os.stat(path)
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
@@ -1322,11 +1373,16 @@ class PythonHandler:
 
     kind = "python"
 
-    def __init__(self, name: str, path: str, signature, module: types.ModuleType):
-        self.name, self.path, self.signature, self.module = name, path, signature, module
+    def __init__(self, name: str, path: str, signature, module: types.ModuleType, timeout: float):
+        self.name, self.path, self.signature, self.module, self.timeout = name, path, signature, module, timeout
+        self.is_async = inspect.iscoroutinefunction(module.handle)
+        try:  # handle(event, body=None) also gets the event's JSON text exactly as received
+            self.wants_body = "body" in inspect.signature(module.handle).parameters
+        except ValueError:
+            self.wants_body = False
 
     @classmethod
-    def load(cls, name: str, path: str) -> "PythonHandler":
+    def load(cls, name: str, path: str, timeout: float = 60.0) -> "PythonHandler":
         source, signature = _read_settled(path)
         module_name = "wabhook_handler_" + re.sub(r"\W", "_", name[:-3])
         module = types.ModuleType(module_name)
@@ -1340,12 +1396,25 @@ class PythonHandler:
         except BaseException:
             sys.modules.pop(module_name, None)
             raise HandlerLoadError("cannot load handler %s:\n%s" % (name, traceback.format_exc())) from None
-        if not callable(getattr(module, "handle", None)):
-            raise HandlerLoadError("handler %s defines no handle(event) function" % name)
-        return cls(name, path, signature, module)
+        handle = getattr(module, "handle", None)
+        if handle is None:
+            raise HandlerLoadError("defines no handle(event) function: add def handle(event): to %s" % name)
+        if not callable(handle):
+            raise HandlerLoadError("its handle is not a function: define def handle(event): in %s" % name)
+        try:
+            inspect.signature(handle).bind(None)
+        except TypeError:
+            raise HandlerLoadError("its handle() must take one argument, the event: def handle(event):") from None
+        except ValueError:
+            pass  # no signature to inspect (a builtin): trust it
+        return cls(name, path, signature, module, timeout)
 
     def run(self, event: Event, body: str, log: logging.Logger) -> None:
-        self.module.handle(event)
+        arguments = {"body": body} if self.wants_body else {}
+        if self.is_async:  # async def handle(event): run to completion, within --script-timeout
+            asyncio.run(asyncio.wait_for(self.module.handle(event, **arguments), self.timeout))
+        else:
+            self.module.handle(event, **arguments)
 
 
 class ScriptHandler:
@@ -1497,10 +1566,15 @@ class Registry:
     SETTLE_SECONDS. Python helpers (`_*.py`) are re-imported when they change.
     """
 
-    def __init__(self, folder: str, script_timeout: float, script_environment: Optional[dict] = None):
+    def __init__(self, folder: str, script_timeout: float, script_environment: Optional[dict] = None,
+                 log: Optional[logging.Logger] = None):
         self.folder = os.path.abspath(folder)
         self.script_timeout = script_timeout
         self.script_environment = script_environment or {}
+        self.log = log or logging.getLogger("wabhook")
+        self._warned: Dict[str, tuple] = {}      # name -> signature of the file last warned about
+        self._said_unhandled: set = set()        # event types logged as arriving with no handler
+        self._loading: Dict[str, threading.Lock] = {}  # name -> held while that file is (re)loaded
         self._lock = threading.RLock()
         self._listed_at = 0.0
         self._files: Dict[str, tuple] = {}       # name -> signature, as last listed
@@ -1532,7 +1606,7 @@ class Registry:
                 continue
             if name.startswith("_") and name.endswith(".py"):
                 helpers[name] = signature
-            elif is_candidate(name) and (name.endswith(".py") or _is_executable(signature[3])):
+            elif is_handler_file(name, signature[3]):
                 files[name] = signature
                 self._last_seen[name] = now
         for name in set(self._files) - set(files):
@@ -1580,6 +1654,11 @@ class Registry:
                 found[""] = []  # listed
             if event_type not in found:
                 found[event_type] = self.handlers_for(event_type)
+                if not found[event_type] and event_type not in self._said_unhandled:
+                    self._said_unhandled.add(event_type)
+                    self.log.info("a %s event arrived and no handler takes it: add handlers/%s.py (or an"
+                                  " all.py) to handle such events (said once per type)",
+                                  event_type, event_type if re.fullmatch(r"[\w-]{1,64}", event_type) else "<type>")
             return found[event_type]
         return lookup
 
@@ -1607,21 +1686,45 @@ class Registry:
                     return cached
                 # Loading runs the handler's module code: not under the lock, so
                 # a slow import cannot stall fan-out or the other workers.
-                path = os.path.join(self.folder, name)
-                if name.endswith(".py"):
+                with self._loading_lock(name):  # one load a file: workers starting together share it
+                    current = self._loaded.get(name)
+                    if current is not None and current.signature == signature:
+                        return current
                     try:
-                        handler = PythonHandler.load(name, path)
+                        handler = self._load(name, signature)
                     except FileNotFoundError:
                         continue  # removed since it was listed (a git checkout): look for it again
-                else:
-                    handler = ScriptHandler(name, path, signature, self.script_timeout, self.processes,
-                                            self.script_environment)
-                with self._lock:
-                    self._loaded[name] = handler
+                    except HandlerLoadError as exc:
+                        self._warn_once(name, signature, str(exc))
+                        raise
+                    with self._lock:
+                        self._loaded[name] = handler
+                self.log.info("%s handler %s", "reloaded" if cached is not None else "loaded", name)
                 return handler
             if time.monotonic() > deadline:
                 raise HandlerGone("handler file %s was removed" % name)
             time.sleep(0.05)
+
+    def _loading_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._loading.setdefault(name, threading.Lock())
+
+    def _load(self, name: str, signature) -> object:
+        """A handler object for the file, or HandlerLoadError saying what to fix."""
+        path = os.path.join(self.folder, name)
+        if name.endswith(".py"):
+            return PythonHandler.load(name, path, self.script_timeout)
+        problem = script_problem(name, path)
+        if problem:
+            raise HandlerLoadError("%s %s" % (name, problem))
+        return ScriptHandler(name, path, signature, self.script_timeout, self.processes, self.script_environment)
+
+    def _warn_once(self, name: str, signature, problem: str) -> None:
+        """One WARNING for a broken handler, when first seen and after each change of its file."""
+        if self._warned.get(name) != signature:
+            self._warned[name] = signature
+            self.log.warning("broken handler %s: %s; its events wait for the fix (python wabhook.py check says"
+                             " the same)", name, problem.rstrip(), extra={"handler": name})
 
     def kill_running(self) -> None:
         """Kill the process group of every script still running (shutdown)."""
@@ -1685,38 +1788,27 @@ Problem = namedtuple("Problem", "file message")
 
 
 def check_handlers(folder: str) -> Tuple[List[str], List[Problem]]:
-    """Load every handler in `folder`: (handler names that are fine, problems found)."""
+    """Load every handler in `folder` as the server would: (handler names that are fine, problems found)."""
     problems: List[Problem] = []
     good: List[str] = []
     if os.path.exists(folder) and not os.path.isdir(folder):
         return good, [Problem(folder, "is a file, not a folder: pass the folder your handlers are in")]
     if not os.path.isdir(folder):
         return good, [Problem(folder, "the handlers folder does not exist (create it, or pass --handlers DIR)")]
-    known = set(EVENT_TYPES) | {ALL_EVENTS}
-    make_importable(folder)
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if not is_candidate(name) or not os.path.isfile(path):
+    registry = Registry(folder, 60.0, log=logging.getLogger("wabhook.check"))
+    registry.log.disabled = True  # the problems are printed, not logged
+    registry._list(force=True)
+    for name, signature in sorted(registry._files.items()):
+        meant = near_event(handler_event(name))
+        if meant:
+            problems.append(Problem(name, "%r matches no documented event; did you mean %s? (name it %s)"
+                                    % (handler_event(name), meant, meant + name[len(handler_event(name)):])))
             continue
-        is_python = name.endswith(".py")
-        executable = _is_executable(os.stat(path).st_mode)
-        prefix = handler_event(name)
-        if not is_python and not executable:
-            if prefix in known:
-                problems.append(Problem(name, "is not executable: chmod +x %s (or name it .py with handle(event))"
-                                        % name))
-            continue  # a README or note, not a handler
-        if prefix not in known:
-            close = difflib.get_close_matches(prefix, sorted(known), n=1)
-            hint = "; did you mean %s?" % close[0] if close else ""
-            problems.append(Problem(name, "%r matches no known event%s" % (prefix, hint)))
+        try:
+            registry._load(name, signature)
+        except HandlerLoadError as exc:
+            problems.append(Problem(name, str(exc).rstrip()))
             continue
-        if is_python:
-            try:
-                PythonHandler.load(name, path)
-            except HandlerLoadError as exc:
-                problems.append(Problem(name, str(exc).rstrip()))
-                continue
         good.append(name)
     return good, problems
 
@@ -3093,7 +3185,8 @@ class Server:
             except OSError as exc:
                 raise ServerError("cannot create the handlers folder %s: %s" % (config.handlers, exc)) from None
         self.inbox = Inbox(config.db)
-        self.registry = Registry(config.handlers, config.script_timeout, script_environment(config, os.environ))
+        self.registry = Registry(config.handlers, config.script_timeout, script_environment(config, os.environ),
+                                 self.log)
         self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log)
         self.front: Optional[HTTPFront] = None
 
@@ -3503,6 +3596,9 @@ def cmd_check(config: Config, args, log: logging.Logger) -> int:
     good, problems = check_handlers(config.handlers)
     for name in good:
         print("ok       %s" % name)
+        if handler_event(name) not in KNOWN_PREFIXES:
+            print("note     %s: %r is not one of the documented events; it runs when events of that type"
+                  " arrive" % (name, handler_event(name)))
     for problem in problems:
         print("problem  %s: %s" % (problem.file, problem.message))
     print("%d handlers ok, %d problems in %s" % (len(good), len(problems), config.handlers))

@@ -454,6 +454,21 @@ class RestartTest(DispatchTestCase):
         self.assertEqual(self.deliveries(event_id)["message.py"][:2], ("done", 2))
         self.assertEqual(self.terminate(process), 0)
 
+    def test_a_killed_run_goes_first_again_not_after_its_chats_later_events(self):
+        self.handler("message.py", HUNG)
+        process, port = self.start_process("--script-timeout", "120", "--retry-delay", "30")
+        first = self.post_id(port, message(message_id="k1"))
+        later = [self.post_id(port, message(message_id="k%d" % n)) for n in range(2, 5)]  # the same chat
+        wait_until(lambda: os.path.exists(self.out_path("started-%d" % first)), message="the handler to start")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        self.handler("message.py", RECORD)
+        process, port = self.start_process("--retry-delay", "30")  # a backoff would let the others overtake
+        for event_id in later:
+            self.wait_status(event_id, "done")
+        self.assertEqual([json.loads(line)[0] for line in self.read_lines("seen")], [first] + later)
+        self.assertEqual(self.terminate(process), 0)
+
     def test_killed_run_uses_up_the_retries(self):
         self.handler("message.py", HUNG)
         process, port = self.start_process("--script-timeout", "120", "--retries", "1")
