@@ -2390,9 +2390,6 @@ class Headers:
     def get_all(self, name: str) -> List[str]:
         return self._fields.get(name.lower(), [])
 
-    def __contains__(self, name: str) -> bool:
-        return name.lower() in self._fields
-
 
 class Request:
     """One parsed request head, and how its body is framed."""

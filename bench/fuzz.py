@@ -13,7 +13,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.support import load_samples  # noqa: E402
-from tests.test_fuzz import request, responses  # noqa: E402
+from tests.test_fuzz import exchange, request, responses  # noqa: E402
 
 import wabhook  # noqa: E402
 
@@ -65,18 +64,7 @@ def main():
     try:
         for _ in range(args.requests):
             payload = b"".join(request(rng, samples) for _ in range(rng.choice([1, 1, 1, 2, 3])))
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-                received = b""
-                while True:
-                    try:
-                        part = sock.recv(65536)
-                    except ConnectionResetError:
-                        break
-                    if not part:
-                        break
-                    received += part
+            received = exchange(port, payload)
             for status, body in responses(received):
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == 200 and body.startswith(b'{"ok": true, "id"'):

@@ -77,6 +77,22 @@ def request(rng, samples):
     return data
 
 
+def exchange(port, payload):
+    """Send `payload` on a new connection, end the sending side, and return all the server sent back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while True:
+            try:
+                part = sock.recv(65536)
+            except ConnectionResetError:
+                return received
+            if not part:
+                return received
+            received += part
+
+
 def responses(data):
     """(status, body) of every whole response in a byte stream."""
     out = []
@@ -107,22 +123,7 @@ class FuzzTest(WabhookTestCase):
         acked, statuses = set(), {}
         for _ in range(4000):
             payload = b"".join(request(rng, samples) for _ in range(rng.choice([1, 1, 1, 2, 3])))
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            try:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-                received = b""
-                while True:
-                    try:
-                        part = sock.recv(65536)
-                    except ConnectionResetError:
-                        break
-                    if not part:
-                        break
-                    received += part
-            finally:
-                sock.close()
-            for status, body in responses(received):
+            for status, body in responses(exchange(server.port, payload)):
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == 200 and body.startswith(b'{"ok": true, "id"'):
                     acked.add(json.loads(body)["id"])
