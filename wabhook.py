@@ -120,7 +120,7 @@ OPTIONS = (
            " keep-alive one is closed to make room, else a new one is refused"),
     Option("max_body", "1MiB", "size", "largest accepted request body"),
     Option("max_inflight", "64MiB", "size", "request body bytes held in memory at once, over all connections;"
-           " a body that does not fit gets 503 busy"),
+           " past it, bodies still arriving wait (their connections are not read) until others are done"),
     Option("retention", "7d", "duration", "how long dedup keys and delivered events are kept"),
     Option("dedup_window", "0", "duration", "drop byte-identical events without identity within this window (0: off)"),
     Option("token", None, "secret", "shared secret every POST must present (?token=, Bearer, Basic password)"),
@@ -2193,6 +2193,7 @@ class Dispatcher:
 
 SIGNATURE_TOLERANCE = 300   # seconds a Standard Webhooks timestamp may be off
 MAX_EVENT_TYPE = 128        # characters in an event's type
+MAX_JSON_CONTAINERS = 10000  # arrays and objects in a body (brackets counted, strings included)
 CHUNK_LINE_LIMIT = 1024
 READ_CHUNK = 64 * 1024
 
@@ -2341,6 +2342,11 @@ def parse_body(body: bytes) -> Tuple[str, dict]:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise BadRequest("bad_json", "the body is not UTF-8 text") from None
+    # Parsing runs in the thread that serves every connection, and 1 MiB of [[],[],...] is 25 MB
+    # of Python objects and 60 ms of it: a body is refused unparsed past MAX_JSON_CONTAINERS
+    # (an event has a handful; the count also counts brackets inside strings).
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_CONTAINERS:
+        raise BadRequest("too_complex", "the body holds more than %d JSON arrays and objects" % MAX_JSON_CONTAINERS)
     try:
         payload = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
@@ -2581,7 +2587,7 @@ class _Connection:
         self.close_after = False
         self.eof = False
         self.writing = False                      # registered for EVENT_WRITE: a reply did not fit the socket
-        self.reserved = 0                         # bytes of --max-inflight held for its body
+        self.reserved = 0                         # bytes of --max-inflight its body holds so far
 
 
 # How often the front looks for connections past their deadline, and for a stop.
@@ -2608,7 +2614,9 @@ class HTTPFront:
         self.app, self.config, self.listener = app, app.config, listener
         self.selector = selectors.DefaultSelector()
         self.connections: Dict[int, _Connection] = {}
-        self._inflight = 0  # bytes reserved by the bodies being read (--max-inflight)
+        self._inflight = 0  # bytes held by the bodies being read (--max-inflight)
+        self._waiting: List[_Connection] = []  # bodies not read while the budget is spent
+        self._bodies: Dict[_Connection, None] = {}  # bodies in progress, oldest first
         self._completed: "collections.deque" = collections.deque()  # (connection, reply function)
         self._wakeup_receiver, self._wakeup_sender = socket.socketpair()
         self._wakeup_pending = False
@@ -2796,6 +2804,8 @@ class HTTPFront:
 
     def _receive(self, connection: _Connection) -> None:
         sock = connection.sock
+        if self._must_wait(connection):
+            return
         while True:
             try:
                 data = sock.recv(READ_CHUNK)
@@ -2805,6 +2815,8 @@ class HTTPFront:
                 connection.eof = True
                 break
             connection.buffer += data
+            if connection.body is not None:
+                self._hold(connection, len(data))
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 break  # epoll tells of the rest; TLS bytes already decrypted it cannot see
         self._advance(connection)
@@ -2864,23 +2876,41 @@ class HTTPFront:
             raise LengthRequired("length_required", "send Content-Length or a chunked body", close=True)
         if request.length > config.max_body:
             raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % config.max_body, close=True)
-        self._reserve(connection, config.max_body if request.chunked else request.length)
+        self._hold(connection, len(connection.buffer))  # body bytes that came with the head
         connection.body = _ChunkedBody(config.max_body) if request.chunked else request.length
         if request.headers.get("Expect", "").lower() == "100-continue" and not connection.buffer:
             connection.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._read_body(connection)
 
-    def _reserve(self, connection: _Connection, size: int) -> None:
-        """Count a body against --max-inflight before reading it (a chunked one at --max-body)."""
-        if self._inflight + size > self.config.max_inflight:
-            raise ServiceUnavailable("busy", "too many request bodies are being received; send again shortly",
-                                     close=True, headers=(("Retry-After", "1"),))
+    def _hold(self, connection: _Connection, size: int) -> None:
+        """Count body bytes received against --max-inflight: what is in memory, not what was announced
+        (a Content-Length promised and trickled must not crowd out the senders that do send)."""
         self._inflight += size
-        connection.reserved = size
+        connection.reserved += size
+        self._bodies.setdefault(connection, None)
 
     def _release(self, connection: _Connection) -> None:
+        """The body is read (or its connection gone): its bytes leave the budget; waiting bodies go on."""
         self._inflight -= connection.reserved
         connection.reserved = 0
+        self._bodies.pop(connection, None)
+        waiting, self._waiting = self._waiting, []
+        for other in waiting:  # read again, each to be held back again if it still must wait
+            if other.sock.fileno() >= 0:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.selector.register(other.sock, selectors.EVENT_READ, other)
+
+    def _must_wait(self, connection: _Connection) -> bool:
+        """Past --max-inflight, a connection in the middle of a body is not read (its sender waits),
+        except the oldest body in progress, which goes on so that the budget frees up."""
+        if connection.body is None or self._inflight < self.config.max_inflight:
+            return False
+        if next(iter(self._bodies), None) is connection:
+            return False
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(connection.sock)
+        self._waiting.append(connection)
+        return True
 
     def _read_body(self, connection: _Connection) -> bool:
         """Take the body from the buffer once it is all in, and hand the event on; False while it is not."""

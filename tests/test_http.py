@@ -485,7 +485,9 @@ class DeliverableOnlyTest(HttpTestCase):
             (b'{"event": "typ\\u0000ing"}', "bad_event"),
             (b'{"event": "\\ud800"}', "bad_event"),
             (json.dumps({"event": "x" * 129}).encode(), "bad_event"),
-            (b'{"event": "typing", "chat_id": ' + b"[" * 100000 + b"]" * 100000 + b"}", "bad_json"),
+            (b'{"event": "typing", "chat_id": ' + b"[" * 100000 + b"]" * 100000 + b"}", "too_complex"),
+            (b'{"event": "typing", "chat_id": ' + b"[" * 5000 + b"]" * 5000 + b"}", "bad_json"),  # too deep
+            (b'{"event": "typing", "a": [' + b"[]," * 10000 + b'[]]}', "too_complex"),
         ]
         for body, code in cases:
             with self.subTest(body=body[:40]):
@@ -911,25 +913,28 @@ class ConnectionLimitTest(HttpTestCase):
 
 
 class InflightBudgetTest(HttpTestCase):
-    def test_a_body_over_the_inflight_budget_is_503_busy_until_the_others_are_read(self):
-        server = self.start_server(max_inflight=1000, max_body=800)
-        body = b'{"event": "typing", "pad": "' + b"x" * 560 + b'"}'
-        slow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        try:
-            slow.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
-            wait_until(lambda: any(c.reserved for c in list(server.front.connections.values())),
-                       message="the slow body to hold its share")
-            mark = self.mark()
-            response = self.raw(server, with_length(b"POST /hook HTTP/1.1\r\nHost: x\r\n", body))
-            self.assertRejected(response, 503, "busy", mark)
-            self.assertEqual(response[1].get("retry-after"), "1")
-            self.assertEqual(self.post(server, EVENT)[0], 200)  # a small one still fits
-            slow.sendall(body[10:])
-            self.assertEqual(read_response(slow)[0], 200)
+    def test_past_the_inflight_budget_bodies_still_arriving_wait_and_whole_requests_go_through(self):
+        server = self.start_server(max_inflight=1000, max_body=2000)
+        big = b'{"event": "typing", "pad": "' + b"x" * 1470 + b'"}'
+        small = b'{"event": "typing", "pad": "' + b"y" * 470 + b'"}'
+        hog = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        late = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        try:  # the oldest body in progress goes on past the budget; later ones wait for it
+            hog.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big[:1100]))
+            wait_until(lambda: server.front._inflight >= 1000, message="the budget to be spent")
+            late.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(small), small[:10]))
+            wait_until(lambda: len(server.front._bodies) == 2, message="the late body to start")
+            late.sendall(small[10:])
+            self.assertEqual(select.select([late], [], [], 0.3)[0], [], "a body past the budget was read")
+            self.assertEqual(self.post(server, EVENT)[0], 200)  # a request that arrives whole goes through
+            hog.sendall(big[1100:])
+            self.assertEqual(read_response(hog)[0], 200)
+            self.assertEqual(read_response(late)[0], 200)  # read once the budget freed up
         finally:
-            slow.close()
-        self.assertEqual(self.raw(server, with_length(b"POST /hook HTTP/1.1\r\nHost: x\r\n", body))[0], 200)
-
+            hog.close()
+            late.close()
+        self.assertEqual(server.front._inflight, 0)
+        self.assertEqual(self.event_count(), 3)
 
 class DescriptorExhaustionTest(HttpTestCase):
     def test_out_of_descriptors_the_server_says_so_once_and_serves_again_once_they_free_up(self):
