@@ -117,7 +117,7 @@ OPTIONS = (
     Option("shutdown_timeout", "10s", "duration", "on SIGTERM, how long running handlers may finish"),
     Option("timeout", "30s", "duration", "idle or slow HTTP connections are closed after this"),
     Option("max_connections", 1000, "count", "open HTTP connections at most; at the limit the idlest"
-           " keep-alive one is closed to make room, else a new one is refused"),
+           " keep-alive one is closed to make room, else the slowest request (over 1 s), else a new one is refused"),
     Option("max_body", "1MiB", "size", "largest accepted request body"),
     Option("max_inflight", "64MiB", "size", "request body bytes held in memory at once, over all connections;"
            " past it, bodies still arriving wait (their connections are not read) until others are done"),
@@ -2593,6 +2593,7 @@ class _Connection:
 # How often the front looks for connections past their deadline, and for a stop.
 SWEEP_SECONDS = 0.05
 ACCEPT_PAUSE_SECONDS = 0.1  # after accept() ran out of descriptors
+SLOW_REQUEST_SECONDS = 1.0  # a request still arriving after this may be closed to make room for a new connection
 
 
 class HTTPFront:
@@ -2720,13 +2721,21 @@ class HTTPFront:
             self.selector.register(sock, selectors.EVENT_READ, connection)
 
     def _make_room(self) -> bool:
-        """Close the connection idle the longest (between requests, nothing pending); False if none is."""
-        idle = [connection for connection in self.connections.values()
-                if connection.request is None and not connection.busy and not connection.buffer
-                and not connection.out and not connection.handshaking]
-        if not idle:
+        """Close the connection idle the longest (between requests, nothing pending); else the one whose
+        request has been arriving the longest, if for over SLOW_REQUEST_SECONDS (a sender that trickles);
+        False if there is neither."""
+        idle, slow = [], []
+        stalled_before = time.monotonic() + self.config.timeout - SLOW_REQUEST_SECONDS
+        for connection in self.connections.values():
+            if connection.busy or connection.out:
+                continue
+            if connection.request is None and not connection.buffer and not connection.handshaking:
+                idle.append(connection)
+            elif connection.deadline < stalled_before:  # deadline: when its request began, plus --timeout
+                slow.append(connection)
+        if not idle and not slow:
             return False
-        self._close(min(idle, key=lambda connection: connection.deadline))
+        self._close(min(idle or slow, key=lambda connection: connection.deadline))
         return True
 
     def _note_refusal(self) -> None:

@@ -888,6 +888,9 @@ class ConnectionLimitTest(HttpTestCase):
             for sock in idle:
                 sock.close()
         wait_until(lambda: not server.front.connections, message="the connections to close")
+        # Requests in progress are not idle; refused while none has been arriving for long.
+        self.addCleanup(setattr, wabhook, "SLOW_REQUEST_SECONDS", wabhook.SLOW_REQUEST_SECONDS)
+        wabhook.SLOW_REQUEST_SECONDS = 3600.0
         busy = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
         try:
             for sock in busy:
@@ -904,12 +907,17 @@ class ConnectionLimitTest(HttpTestCase):
                 refused.close()
             wait_until(lambda: any("refused 1 connections" in line for line in self.log.messages()[mark:]),
                        message="a log line about the refusal")
+            # A request arriving for longer than SLOW_REQUEST_SECONDS is closed to make room.
+            wabhook.SLOW_REQUEST_SECONDS = 0.0
+            self.assertServing(server)
+            trickler_closed = [sock for sock in busy if select.select([sock], [], [], 0.5)[0] and sock.recv(1) == b""]
+            self.assertEqual(len(trickler_closed), 1)
         finally:
             for sock in busy:
                 sock.close()
         wait_until(lambda: not server.front.connections, message="the server to see them closed")
         self.assertServing(server)
-        self.assertEqual(self.event_count(), 2)
+        self.assertEqual(self.event_count(), 3)
 
 
 class InflightBudgetTest(HttpTestCase):
