@@ -680,6 +680,7 @@ LEASE_SECONDS = 30.0
 FAILED_COMMIT_MEMORY = 60.0
 FANOUT_BATCH = 500
 FILE_CHECK_SECONDS = 0.5  # how often the writer makes sure the inbox file is still the one it opened
+FOLDER_CHECK_SECONDS = 0.25  # how stale the HTTP front's view of the handlers folder's existence may be
 SQL_ROWS = 100  # rows per multi-row statement: 6 values each stay under SQLite's 999 variables
 
 
@@ -1575,6 +1576,7 @@ class Registry:
         self._warned: Dict[str, tuple] = {}      # name -> signature of the file last warned about
         self._said_unhandled: set = set()        # event types logged as arriving with no handler
         self._loading: Dict[str, threading.Lock] = {}  # name -> held while that file is (re)loaded
+        self._folder_checked_at, self._folder_missing = float("-inf"), False
         self._lock = threading.RLock()
         self._listed_at = 0.0
         self._files: Dict[str, tuple] = {}       # name -> signature, as last listed
@@ -1627,8 +1629,12 @@ class Registry:
                 del sys.modules[module_name]
         self._loaded = {name: h for name, h in self._loaded.items() if h.kind != "python"}
 
-    def folder_missing(self) -> bool:
-        return not os.path.isdir(self.folder)
+    def folder_missing(self, within: float = 0.0) -> bool:
+        """Whether the handlers folder is gone, as seen at most `within` seconds ago."""
+        now = time.monotonic()
+        if now - self._folder_checked_at >= within:
+            self._folder_checked_at, self._folder_missing = now, not os.path.isdir(self.folder)
+        return self._folder_missing
 
     def names(self) -> List[str]:
         """Every handler present now (or gone for less than SETTLE_SECONDS), sorted."""
@@ -3328,6 +3334,9 @@ class Server:
         """
         if not self.accepting:
             raise ServiceUnavailable("shutting_down", "the server is shutting down; send again", close=True)
+        if self.registry.folder_missing(within=FOLDER_CHECK_SECONDS):
+            self.log.error("answered 503: the handlers folder %s is missing", self.registry.folder)
+            raise ServiceUnavailable("handlers_missing", "the handlers folder is missing; send again once it is back")
         event_type = payload["event"]
         key, ttl = identity_key(payload, bridge), self.config.retention
         if key is None and self.config.dedup_window > 0:

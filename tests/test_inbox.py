@@ -595,7 +595,7 @@ class LostFilesTest(WabhookTestCase):
         self.assertEqual(self.request(server, "GET", "/healthz")[0], 503)
         self.assertTrue(any("deleted or replaced" in line for line in self.log.messages()), self.log.messages())
 
-    def test_while_the_handlers_folder_is_gone_events_wait_and_none_is_marked_done(self):
+    def test_while_the_handlers_folder_is_gone_posts_get_503_and_stored_events_wait_undone(self):
         self.write_handler("message.py", "def handle(event):\n    open(%r, 'a').write('%%d\\n' %% event.id)\n"
                            % self.out_path("seen"))
         server = self.start_server()
@@ -603,16 +603,32 @@ class LostFilesTest(WabhookTestCase):
         wait_until(lambda: self.read_lines("seen") == [str(first)], message="the first event handled")
         away = self.handlers + "-away"
         os.rename(self.handlers, away)
-        ids = [self.post(server, message("m%d" % n))[1]["id"] for n in range(2, 5)]
+        accepted = []  # a POST in the moment before the server looks is stored, and waits too
+
+        def refused():
+            status, reply = self.post(server, message("x%d" % len(accepted)))
+            if status == 200:
+                accepted.append(reply["id"])
+            return (status, reply) if status == 503 else None
+        status, reply = wait_until(refused, message="POSTs refused while the folder is missing")
+        self.assertEqual(reply["error"], "handlers_missing")
+        # Events stored meanwhile (by another process sharing the file) wait: none is marked done.
+        waiting = [server.inbox.commit_event(json.dumps(message("m%d" % n)), "message", None, "l",
+                                             None, 0.0)[0] for n in (2, 3)]
         wait_until(lambda: any("handlers folder" in line and "missing" in line for line in self.log.messages()),
                    message="a log line about the missing folder")
+        ids = waiting
         self.assertEqual(self.request(server, "GET", "/healthz")[0], 503)
         deadline = time.monotonic() + 1.5  # past SETTLE_SECONDS, when a missing file counts as deleted
         while time.monotonic() < deadline:
-            self.assertEqual([self.event_status(event_id) for event_id in ids], ["pending"] * 3)
+            self.assertEqual([self.event_status(event_id) for event_id in ids], ["pending"] * 2)
             time.sleep(0.05)
         os.rename(away, self.handlers)
-        for event_id in ids:
+        later = wait_until(lambda: (lambda r: r[1]["id"] if r[0] == 200 else None)(self.post(server, message("m5"))),
+                           message="POSTs accepted again")
+        for event_id in ids + accepted + [later]:
             self.wait_status(event_id, "done")
-        self.assertEqual(self.read_lines("seen"), [str(event_id) for event_id in [first] + ids])
+        seen = [int(line) for line in self.read_lines("seen")]
+        self.assertEqual(sorted(seen), sorted([first] + ids + accepted + [later]))  # each once
+        self.assertEqual([event_id for event_id in seen if event_id in ids], ids)  # in order in their chat
         self.assertEqual(self.request(server, "GET", "/healthz")[0], 200)
