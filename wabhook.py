@@ -7,10 +7,12 @@ One file, the Python standard library, nothing to install:
 
 The path of one event, in the order of the sections below:
 
-    socket  -> HTTP front: route, authenticate, read the body (length or chunked),
-               parse it as a JSON object with an `event` string
-            -> Inbox: one SQLite transaction stores the event and its dedup key;
-               only after COMMIT does the sender get its 200
+    socket  -> HTTP front (one thread, a selector, every connection): route,
+               authenticate, read the body (length or chunked), parse it as a
+               JSON object with an `event` string
+            -> Inbox: the events of one turn of the front's loop are stored with
+               their dedup keys in one SQLite transaction (one fsync); only after
+               COMMIT do their senders get their 200s
             -> Dispatch: a worker claims the event (a lease, never a delete),
                fans it out to every handler in the handlers folder and records
                each handler's outcome; failures come back with backoff, then
