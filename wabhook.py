@@ -1120,10 +1120,10 @@ class Inbox:
     def _settle_event(db, event_id):
         """Set the event's summary status from its deliveries."""
         db.execute("UPDATE events SET status = CASE"
-                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?1 AND status IN ('pending', 'running'))"
+                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status IN ('pending', 'running'))"
                    " THEN 'pending'"
-                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?1 AND status = 'dead') THEN 'dead'"
-                   " ELSE 'done' END WHERE id = ?1", (event_id,))
+                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status = 'dead') THEN 'dead'"
+                   " ELSE 'done' END WHERE id = :id", {"id": event_id})
 
     def renew_leases(self, owner: str, now: Optional[float] = None) -> None:
         now = time.time() if now is None else now
