@@ -2202,6 +2202,7 @@ class Dispatcher:
 SIGNATURE_TOLERANCE = 300   # seconds a Standard Webhooks timestamp may be off
 MAX_EVENT_TYPE = 128        # characters in an event's type
 MAX_JSON_CONTAINERS = 10000  # arrays and objects in a body (brackets counted, strings included)
+MAX_JSON_DEPTH = 100         # how deep they may nest: any JSON parser a script uses copes with that
 CHUNK_LINE_LIMIT = 1024
 READ_CHUNK = 64 * 1024
 
@@ -2353,8 +2354,11 @@ def parse_body(body: bytes) -> Tuple[str, dict]:
     # Parsing runs in the thread that serves every connection, and 1 MiB of [[],[],...] is 25 MB
     # of Python objects and 60 ms of it: a body is refused unparsed past MAX_JSON_CONTAINERS
     # (an event has a handful; the count also counts brackets inside strings).
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_CONTAINERS:
+    containers = body.count(b"[") + body.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
         raise BadRequest("too_complex", "the body holds more than %d JSON arrays and objects" % MAX_JSON_CONTAINERS)
+    if containers > MAX_JSON_DEPTH and _nesting(body) > MAX_JSON_DEPTH:
+        raise BadRequest("too_complex", "the body nests arrays and objects more than %d deep" % MAX_JSON_DEPTH)
     try:
         payload = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
@@ -2368,6 +2372,15 @@ def parse_body(body: bytes) -> Tuple[str, dict]:
         raise BadRequest("bad_event", "the \"event\" member must be 1 to %d characters of text, without NUL"
                          % MAX_EVENT_TYPE)
     return text, payload
+
+
+def _nesting(body: bytes) -> int:
+    """How deep arrays and objects nest (brackets inside strings count too: an upper bound)."""
+    depth = deepest = 0
+    for match in re.finditer(rb"[\[{\]}]", body):
+        depth += 1 if match.group() in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _has_surrogates(text: str) -> bool:
