@@ -2637,6 +2637,7 @@ class HTTPFront:
         self.selector = selectors.DefaultSelector()
         self.connections: Dict[int, _Connection] = {}
         self._inflight = 0  # bytes held by the bodies being read (--max-inflight)
+        self._received = False  # events handed to the inbox this turn, to commit at its end
         self._waiting: List[_Connection] = []  # bodies not read while the budget is spent
         self._bodies: Dict[_Connection, None] = {}  # bodies in progress, oldest first
         self._completed: "collections.deque" = collections.deque()  # (connection, reply function)
@@ -2694,8 +2695,10 @@ class HTTPFront:
                     else:
                         self._on_ready(key.data, mask)
                 self._run_completed()
-                self.app.commit_received()  # the events of this turn, as one batch
-                self._run_completed()
+                if self._received:  # the events of this turn, as one batch
+                    self._received = False
+                    self.app.commit_received()
+                    self._run_completed()
                 if not self._listening and self.listener.fileno() >= 0:
                     with contextlib.suppress(KeyError, ValueError):
                         self.selector.unregister(self.listener)
@@ -2973,6 +2976,7 @@ class HTTPFront:
         # was measured: it slows every batch more than it saves a reply).
         self.app.receive(text, payload, label or None,
                          lambda result, error: self.complete(connection, self._acked, event_type, result, error))
+        self._received = True
         return True
 
     def _acked(self, connection: _Connection, event_type: str, result: Optional[Tuple[int, bool]],
