@@ -2934,11 +2934,15 @@ class HTTPFront:
                     self.selector.register(other.sock, selectors.EVENT_READ, other)
 
     def _must_wait(self, connection: _Connection) -> bool:
-        """Past --max-inflight, a connection in the middle of a body is not read (its sender waits),
-        except the oldest body in progress, which goes on so that the budget frees up."""
+        """Past --max-inflight, a connection in the middle of a large body is not read (its sender
+        waits). The oldest body in progress goes on, so that the budget frees up; so does a small
+        one (an event is a few KB): at most READ_CHUNK a connection beyond the budget."""
         if connection.body is None or self._inflight < self.config.max_inflight:
             return False
         if next(iter(self._bodies), None) is connection:
+            return False
+        size = connection.reserved if isinstance(connection.body, _ChunkedBody) else connection.request.length
+        if size <= READ_CHUNK:
             return False
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(connection.sock)

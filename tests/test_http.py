@@ -922,21 +922,21 @@ class ConnectionLimitTest(HttpTestCase):
 
 
 class InflightBudgetTest(HttpTestCase):
-    def test_past_the_inflight_budget_bodies_still_arriving_wait_and_whole_requests_go_through(self):
-        server = self.start_server(max_inflight=1000, max_body=2000)
-        big = b'{"event": "typing", "pad": "' + b"x" * 1470 + b'"}'
-        small = b'{"event": "typing", "pad": "' + b"y" * 470 + b'"}'
+    def test_past_the_inflight_budget_large_bodies_still_arriving_wait_and_small_ones_go_through(self):
+        server = self.start_server(max_inflight=100 * 1024, max_body=1024 * 1024)
+        big = b'{"event": "typing", "pad": "' + b"x" * 200000 + b'"}'
+        small = b'{"event": "typing", "pad": "' + b"y" * 70000 + b'"}'
         hog = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         late = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         try:  # the oldest body in progress goes on past the budget; later ones wait for it
-            hog.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big[:1100]))
-            wait_until(lambda: server.front._inflight >= 1000, message="the budget to be spent")
+            hog.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big[:150000]))
+            wait_until(lambda: server.front._inflight >= 100 * 1024, message="the budget to be spent")
             late.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(small), small[:10]))
             wait_until(lambda: len(server.front._bodies) == 2, message="the late body to start")
             late.sendall(small[10:])
             self.assertEqual(select.select([late], [], [], 0.3)[0], [], "a body past the budget was read")
             self.assertEqual(self.post(server, EVENT)[0], 200)  # a request that arrives whole goes through
-            hog.sendall(big[1100:])
+            hog.sendall(big[150000:])
             self.assertEqual(read_response(hog)[0], 200)
             self.assertEqual(read_response(late)[0], 200)  # read once the budget freed up
         finally:
