@@ -42,11 +42,13 @@ import resource
 import selectors
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (its Server: start, wait for the port, stop)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -313,8 +315,8 @@ def kept_up(port, width, seconds, payload):
 # The parent: the server, the probes, the samples
 # ---------------------------------------------------------------------------
 
-class Server:
-    """A wabhook process logging to a file (a pipe nobody reads could fill and stall it)."""
+class Server(bench.Server):
+    """A wabhook process in a temp dir: bench.py's server, with an empty (or no-op) handlers folder."""
 
     def __init__(self, script, tmp, noop_handler=False):
         handlers = os.path.join(tmp, "handlers")
@@ -324,25 +326,8 @@ class Server:
             # the json flood's bodies cost memory there too.
             with open(os.path.join(handlers, "all.py"), "w") as handle:
                 handle.write("def handle(event):\n    pass\n")
-        self.argv = [sys.executable, script, "serve", "--host", "127.0.0.1", "--port", "0",
-                     "--db", os.path.join(tmp, "wabhook.db"), "--handlers", handlers]
-        self.log_path = os.path.join(tmp, "server.log")
-        self.process = None
-        self.port = None
-
-    def start(self, timeout=30):
-        with open(self.log_path, "wb") as out:
-            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                            cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)/hook", self.log())
-            if match:
-                self.port = int(match.group(1))
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise SystemExit("wabhook did not start:\n%s" % self.log()[-2000:])
+        super().__init__([sys.executable, script, "serve", "--host", "127.0.0.1", "--port", "0",
+                          "--db", os.path.join(tmp, "wabhook.db"), "--handlers", handlers], tmp, "wabhook")
 
     def log(self):
         with open(self.log_path, errors="replace") as handle:
@@ -356,17 +341,6 @@ class Server:
                         if line.startswith(("VmRSS:", "VmHWM:", "Threads:"))}
         except (OSError, ValueError):
             return {}
-
-    def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            log("wabhook ignored SIGTERM for 15 s: killed")
-            self.process.kill()
-            self.process.wait()
 
 
 def post_sample(port, message_id, timeout=PROBE_TIMEOUT):
