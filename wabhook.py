@@ -119,7 +119,7 @@ OPTIONS = (
     Option("shutdown_timeout", "10s", "duration", "on SIGTERM, how long running handlers may finish"),
     Option("timeout", "30s", "duration", "idle or slow HTTP connections are closed after this"),
     Option("max_connections", 1000, "count", "open HTTP connections at most; at the limit the idlest"
-           " keep-alive one is closed to make room, else the slowest request (over 1 s), else a new one is refused"),
+           " keep-alive one is closed to make room, else the slowest request (over 0.25 s), else a new one is refused"),
     Option("max_body", "1MiB", "size", "largest accepted request body"),
     Option("max_inflight", "64MiB", "size", "request body bytes held in memory at once, over all connections;"
            " past it, bodies still arriving wait (their connections are not read) until others are done"),
@@ -2614,7 +2614,7 @@ class _Connection:
 # How often the front looks for connections past their deadline, and for a stop.
 SWEEP_SECONDS = 0.05
 ACCEPT_PAUSE_SECONDS = 0.1  # after accept() ran out of descriptors
-SLOW_REQUEST_SECONDS = 1.0  # a request still arriving after this may be closed to make room for a new connection
+SLOW_REQUEST_SECONDS = 0.25  # a request still arriving after this may be closed to make room for a new connection
 
 
 class HTTPFront:
