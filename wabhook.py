@@ -2421,10 +2421,10 @@ class Headers:
 class Request:
     """One parsed request head, and how its body is framed."""
 
-    __slots__ = ("method", "target", "path", "query", "headers", "keep_alive", "length", "chunked")
+    __slots__ = ("method", "path", "query", "headers", "keep_alive", "length", "chunked")
 
     def __init__(self, method: str, target: str, headers: Headers, keep_alive: bool):
-        self.method, self.target, self.headers, self.keep_alive = method, target, headers, keep_alive
+        self.method, self.headers, self.keep_alive = method, headers, keep_alive
         if not target.startswith("/"):  # absolute form: POST http://host/hook?token=... HTTP/1.1
             parts = urllib.parse.urlsplit(target)
             target = (parts.path or "/") + ("?" + parts.query if parts.query else "")

@@ -876,6 +876,11 @@ class TlsTest(HttpTestCase):
         self.assertEqual(status, 200, reply)
 
 
+def closed_by_server(sockets, wait=0.5):
+    """The sockets the server closed: readable within `wait`, and at their end."""
+    return [sock for sock in sockets if select.select([sock], [], [], wait)[0] and sock.recv(1) == b""]
+
+
 class ConnectionLimitTest(HttpTestCase):
     def test_at_the_limit_the_idlest_connection_makes_room_and_busy_ones_make_new_ones_wait_outside(self):
         server = self.start_server(max_connections=4)
@@ -883,8 +888,7 @@ class ConnectionLimitTest(HttpTestCase):
         try:
             wait_until(lambda: len(server.front.connections) == 4, message="4 open connections")
             self.assertServing(server)  # a fifth: one idle connection is closed for it
-            closed = [sock for sock in idle if select.select([sock], [], [], 0.5)[0] and sock.recv(1) == b""]
-            self.assertEqual(len(closed), 1)
+            self.assertEqual(len(closed_by_server(idle)), 1)
         finally:
             for sock in idle:
                 sock.close()
@@ -911,8 +915,7 @@ class ConnectionLimitTest(HttpTestCase):
             # A request arriving for longer than SLOW_REQUEST_SECONDS is closed to make room.
             wabhook.SLOW_REQUEST_SECONDS = 0.0
             self.assertServing(server)
-            trickler_closed = [sock for sock in busy if select.select([sock], [], [], 0.5)[0] and sock.recv(1) == b""]
-            self.assertEqual(len(trickler_closed), 1)
+            self.assertEqual(len(closed_by_server(busy)), 1)
         finally:
             for sock in busy:
                 sock.close()
