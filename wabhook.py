@@ -98,7 +98,6 @@ KNOWN_PREFIXES = EVENT_TYPES + (ALL_EVENTS,)
 SCRIPT_EVENT_VARIABLES = ("WABHOOK_EVENT", "WABHOOK_ID", "WABHOOK_BRIDGE")  # what a script is told of its event
 
 BRIDGE_LABEL = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-COMMANDS = ("serve", "send", "check", "events", "replay", "stats")
 
 Option = namedtuple("Option", "name default kind help")
 
@@ -598,7 +597,7 @@ def lane_of(raw: dict, bridge: Optional[str]) -> str:
 # 3. Inbox
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: deliveries keep their last run's start, exit status and output
 
 DDL_EVENTS = """
 CREATE TABLE IF NOT EXISTS events (
@@ -608,7 +607,7 @@ CREATE TABLE IF NOT EXISTS events (
     event       TEXT NOT NULL,
     lane        TEXT NOT NULL,
     body        TEXT NOT NULL,              -- the JSON exactly as received
-    status      TEXT NOT NULL DEFAULT 'pending',  -- pending | done | dead
+    status      TEXT NOT NULL DEFAULT 'pending',  -- pending | done | dead | discarded
     dispatched  INTEGER NOT NULL DEFAULT 0  -- 1 once its deliveries exist
 )"""
 DDL_DELIVERIES = """
@@ -616,15 +615,21 @@ CREATE TABLE IF NOT EXISTS deliveries (
     event_id        INTEGER NOT NULL,
     handler         TEXT NOT NULL,          -- the handler's file name
     lane            TEXT NOT NULL,
-    status          TEXT NOT NULL,          -- pending | running | done | dead | skipped
+    status          TEXT NOT NULL,          -- pending | running | done | dead | skipped | discarded
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     lease_owner     TEXT,
     lease_until     REAL,
     last_error      TEXT,
-    updated_at      REAL,
+    updated_at      REAL,                   -- when the last run started (running) or ended
+    started_at      REAL,                   -- when the last run started
+    exit_status     INTEGER,                -- the last run's, for executable handlers
+    output          TEXT,                   -- what the last run printed (at most OUTPUT_KEPT bytes)
     PRIMARY KEY (event_id, handler)
 )"""
+# Columns added since schema 1, added to an older file when it is opened.
+ADDED_COLUMNS = (("deliveries", "started_at", "REAL"), ("deliveries", "exit_status", "INTEGER"),
+                 ("deliveries", "output", "TEXT"))
 DDL_DEDUP = """
 CREATE TABLE IF NOT EXISTS dedup (
     key        TEXT PRIMARY KEY,
@@ -814,6 +819,9 @@ class Inbox:
                 raise InboxUnavailable("%s was written by a newer wabhook (schema %d)" % (self.path, version))
             for ddl in (DDL_EVENTS, DDL_DELIVERIES, DDL_DEDUP) + DDL_INDEXES:
                 db.execute(ddl)
+            for table, column, kind in ADDED_COLUMNS:
+                if column not in {row[1] for row in db.execute("PRAGMA table_info(%s)" % table)}:
+                    db.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, kind))
             db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
         self._write(migrate)
 
@@ -1038,9 +1046,9 @@ class Inbox:
                     " AND +status = 'pending' AND +next_attempt_at <= ?" % marks, heads + [now]):
                 attempts[event_id][handler] = count + 1
             db.execute("UPDATE deliveries SET status = 'running', attempts = attempts + 1,"
-                       " lease_owner = ?, lease_until = ?, updated_at = ?"
+                       " lease_owner = ?, lease_until = ?, updated_at = ?, started_at = ?"
                        " WHERE event_id IN (%s) AND +status = 'pending' AND +next_attempt_at <= ?" % marks,
-                       [owner, now + LEASE_SECONDS, now] + heads + [now])
+                       [owner, now + LEASE_SECONDS, now, now] + heads + [now])
             events = {row[0]: row[1:] for row in db.execute(
                 "SELECT id, event, bridge, body, received_at FROM events WHERE id IN (%s)" % marks, heads)}
             return [Claim(event_id, *events[event_id], sorted(attempts[event_id]), attempts[event_id])
@@ -1091,9 +1099,10 @@ class Inbox:
 
     def record_outcome(self, event_id: int, handler: str, owner: str, status: str,
                        error: Optional[str] = None, retry_at: float = 0.0,
-                       on_done: Optional[Callable[[Optional[bool], Optional[Exception]], None]] = None):
+                       on_done: Optional[Callable[[Optional[bool], Optional[Exception]], None]] = None,
+                       output: Optional[str] = None, exit_status: Optional[int] = None):
         """Store how one run ended: status done, skipped (its file is gone), pending (retry at `retry_at`)
-        or dead.
+        or dead, with what it printed and, for a script, its exit status.
 
         Only a delivery this owner still holds is updated, so a run that
         outlived its lease (or a shutdown) cannot overwrite a newer state.
@@ -1105,9 +1114,9 @@ class Inbox:
         def record(db) -> bool:
             cursor = db.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?, last_error = ?,"
-                " lease_owner = NULL, lease_until = NULL, updated_at = ?"
+                " lease_owner = NULL, lease_until = NULL, updated_at = ?, output = ?, exit_status = ?"
                 " WHERE event_id = ? AND handler = ? AND status = 'running' AND lease_owner = ?",
-                (status, retry_at, error, now, event_id, handler, owner))
+                (status, retry_at, error, now, output, exit_status, event_id, handler, owner))
             if cursor.rowcount:
                 self._settle_event(db, event_id)
             return bool(cursor.rowcount)
@@ -1123,6 +1132,8 @@ class Inbox:
                    " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status IN ('pending', 'running'))"
                    " THEN 'pending'"
                    " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status = 'dead') THEN 'dead'"
+                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status = 'discarded')"
+                   " THEN 'discarded'"
                    " ELSE 'done' END WHERE id = :id", {"id": event_id})
 
     def renew_leases(self, owner: str, now: Optional[float] = None) -> None:
@@ -1188,7 +1199,7 @@ class Inbox:
     # -- operating ---------------------------------------------------------
 
     def replay(self, event_ids: List[int]) -> List[int]:
-        """Queue events again: their dead deliveries, or, if none, every handler anew."""
+        """Queue events again: their dead (or discarded) deliveries, or, if none, every handler anew."""
         def replay(db) -> List[int]:
             replayed = []
             for event_id in event_ids:
@@ -1196,7 +1207,8 @@ class Inbox:
                     continue
                 revived = db.execute(
                     "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = 0,"
-                    " last_error = NULL WHERE event_id = ? AND +status = 'dead'", (event_id,)).rowcount
+                    " last_error = NULL WHERE event_id = ? AND +status IN ('dead', 'discarded')",
+                    (event_id,)).rowcount
                 if not revived:
                     db.execute("DELETE FROM deliveries WHERE event_id = ? AND status != 'running'", (event_id,))
                     db.execute("UPDATE events SET dispatched = 0 WHERE id = ?", (event_id,))
@@ -1204,6 +1216,24 @@ class Inbox:
                 replayed.append(event_id)
             return replayed
         return self._write(replay)
+
+    def discard(self, event_ids: List[int]) -> Dict[int, str]:
+        """Set dead events aside: status `discarded`, kept for the record, no longer counted as dead.
+
+        Returns each id's status before (absent: no such event); only the
+        ones that were dead changed.
+        """
+        def discard(db) -> Dict[int, str]:
+            found = {}
+            for part in _chunks(list(event_ids), SQL_ROWS):
+                marks = ",".join("?" * len(part))
+                found.update(db.execute("SELECT id, status FROM events WHERE id IN (%s)" % marks, part))
+                db.execute("UPDATE deliveries SET status = 'discarded', updated_at = ?"
+                           " WHERE event_id IN (%s) AND +status = 'dead'" % marks, [time.time()] + part)
+                db.execute("UPDATE events SET status = 'discarded' WHERE id IN (%s) AND status = 'dead'"
+                           % marks, part)
+            return found
+        return self._write(discard)
 
     def dead_event_ids(self, after: int = 0, limit: int = 500) -> List[int]:
         return [row[0] for row in self._read(
@@ -1230,7 +1260,7 @@ class Inbox:
             if len(ids) < batch:
                 return removed
 
-    def counts(self, statuses=("pending", "done", "dead")) -> Dict[str, int]:
+    def counts(self, statuses=("pending", "done", "dead", "discarded")) -> Dict[str, int]:
         """How many events have each summary status (one indexed count per status)."""
         return {status: self._read("SELECT COUNT(*) FROM events WHERE status = ?", (status,))[0][0]
                 for status in statuses}
@@ -1247,29 +1277,76 @@ class Inbox:
             raise InboxUnavailable(failed[1])
         self._write(lambda db: None)
 
-    def list_events(self, status: Optional[str] = None, limit: int = 20) -> List[dict]:
-        """The newest events (optionally of one status), each with its deliveries."""
+    def list_events(self, status: Optional[str] = None, limit: int = 20, event_type: Optional[str] = None,
+                    bridge: Optional[str] = None, before: Optional[int] = None,
+                    after: Optional[int] = None) -> List[dict]:
+        """The newest events matching the filters, each with its deliveries; newest first.
+
+        `status` is an event's (pending, done, dead, discarded) or `skipped`
+        (events with a skipped delivery); `bridge` "-" is the default bridge;
+        `before`/`after` page by id. With `after`, the oldest first instead
+        (what `events --follow` prints next).
+        """
+        where: List[str] = []
+        params: List[object] = []
         if status == "skipped":  # a delivery status: the events with one
-            rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events WHERE id IN"
-                              " (SELECT event_id FROM deliveries WHERE status = 'skipped')"
-                              " ORDER BY id DESC LIMIT ?", (limit,))
+            where.append("id IN (SELECT event_id FROM deliveries WHERE status = 'skipped')")
         elif status:
-            rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events"
-                              " WHERE status = ? ORDER BY id DESC LIMIT ?", (status, limit))
-        else:
-            rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events"
-                              " ORDER BY id DESC LIMIT ?", (limit,))
+            where.append("status = ?")
+            params.append(status)
+        if event_type:
+            where.append("event = ?")
+            params.append(event_type)
+        if bridge == "-":
+            where.append("bridge IS NULL")
+        elif bridge:
+            where.append("bridge = ?")
+            params.append(bridge)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        if after is not None:
+            where.append("id > ?")
+            params.append(after)
+        rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events%s ORDER BY id %s LIMIT ?"
+                          % (" WHERE " + " AND ".join(where) if where else "", "ASC" if after is not None
+                             else "DESC"), params + [limit])
         events = []
-        for event_id, received_at, bridge, event_type, event_status, body in rows:
+        for event_id, received_at, bridge_label, event_name, event_status, body in rows:
             deliveries = [
                 {"handler": handler, "status": d_status, "attempts": attempts, "last_error": error}
                 for handler, d_status, attempts, error in self._read(
                     "SELECT handler, status, attempts, last_error FROM deliveries WHERE event_id = ?"
                     " ORDER BY handler", (event_id,))]
-            events.append({"id": event_id, "received_at": received_at, "bridge": bridge,
-                           "event": event_type, "status": event_status, "body": body,
+            events.append({"id": event_id, "received_at": received_at, "bridge": bridge_label,
+                           "event": event_name, "status": event_status, "body": body,
                            "deliveries": deliveries})
         return events
+
+    def newest_id(self) -> int:
+        """The id of the newest event stored (0: none yet)."""
+        return self._read("SELECT COALESCE(MAX(id), 0) FROM events")[0][0]
+
+    def event_detail(self, event_id: int) -> Optional[dict]:
+        """One event with everything known about each delivery (None: no such event)."""
+        rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events WHERE id = ?",
+                          (event_id,))
+        if not rows:
+            return None
+        event_id, received_at, bridge, event_name, status, body = rows[0]
+        deliveries = []
+        for (handler, d_status, attempts, error, updated_at, started_at, exit_status, output,
+             next_attempt_at) in self._read(
+                "SELECT handler, status, attempts, last_error, updated_at, started_at, exit_status, output,"
+                " next_attempt_at FROM deliveries WHERE event_id = ? ORDER BY handler", (event_id,)):
+            ran = attempts > 0 and started_at is not None
+            deliveries.append({
+                "handler": handler, "status": d_status, "attempts": attempts, "last_error": error,
+                "output": output, "exit_status": exit_status, "started_at": started_at if ran else None,
+                "finished_at": updated_at if ran and d_status != "running" else None,
+                "next_attempt_at": next_attempt_at if d_status == "pending" else 0})
+        return {"id": event_id, "received_at": received_at, "bridge": bridge, "event": event_name,
+                "status": status, "body": body, "deliveries": deliveries}
 
     def stats(self) -> dict:
         """Counts for `stats` and /metrics: events by status and type, deliveries by handler."""
@@ -1293,6 +1370,7 @@ class Inbox:
 SETTLE_SECONDS = 1.0
 RESCAN_SECONDS = 0.25       # how stale the folder listing may be
 OUTPUT_CAP = 64 * 1024      # bytes of a script's output kept for the log
+OUTPUT_KEPT = 16 * 1024     # bytes of a run's output stored with its delivery (`show`, the page)
 OUTPUT_CHUNK = 16 * 1024
 
 
@@ -1303,6 +1381,10 @@ class HandlerLoadError(Exception):
 
 class HandlerFailed(Exception):
     """A handler run failed: the message says how (exit status, timeout)."""
+
+    def __init__(self, message: str, exit_status: Optional[int] = None, output: Optional[str] = None):
+        super().__init__(message)
+        self.exit_status, self.output = exit_status, output
 
 
 class HandlerGone(Exception):
@@ -1413,6 +1495,7 @@ class PythonHandler:
         return cls(name, path, signature, module, timeout)
 
     def run(self, event: Event, body: str, log: logging.Logger) -> None:
+        """Call handle(event) (awaited if async); what it raises is the run's failure."""
         arguments = {"body": body} if self.wants_body else {}
         if self.is_async:  # async def handle(event): run to completion, within --script-timeout
             asyncio.run(asyncio.wait_for(self.module.handle(event, **arguments), self.timeout))
@@ -1429,7 +1512,8 @@ class ScriptHandler:
         self.name, self.path, self.signature, self.timeout = name, path, signature, timeout
         self.processes, self.environment = processes, environment
 
-    def run(self, event: Event, body: str, log: logging.Logger) -> None:
+    def run(self, event: Event, body: str, log: logging.Logger) -> Tuple[int, str]:
+        """Run the script on one event: (exit status, output); HandlerFailed unless it exits 0 in time."""
         env = dict(self.environment, WABHOOK_EVENT=event.event, WABHOOK_ID=str(event.id),
                    WABHOOK_BRIDGE=event.bridge or "")
         process = self._start(env)
@@ -1457,10 +1541,13 @@ class ScriptHandler:
                 log.warning("%s printed %d more bytes (not logged)", self.name, output.dropped,
                             extra={"handler": self.name, "event_id": event.id})
         if timed_out:
-            raise HandlerFailed("timed out after %gs; its process group was killed" % self.timeout)
+            raise HandlerFailed("timed out after %gs; its process group was killed" % self.timeout,
+                                process.returncode, text)
         if process.returncode != 0:
             tail = text.strip().splitlines()[-1:] if text.strip() else []
-            raise HandlerFailed("exit status %d%s" % (process.returncode, (": " + tail[0][:500]) if tail else ""))
+            raise HandlerFailed("exit status %d%s" % (process.returncode, (": " + tail[0][:500]) if tail else ""),
+                                process.returncode, text)
+        return process.returncode, text
 
 
     def _start(self, env: Dict[str, str]) -> subprocess.Popen:
@@ -1615,6 +1702,12 @@ class Registry:
                 self._last_seen[name] = now
         for name in set(self._files) - set(files):
             self._last_seen[name] = now  # first seen missing now: gone SETTLE_SECONDS from here
+        for name, seen in list(self._last_seen.items()):
+            if name not in files and now - seen >= SETTLE_SECONDS:
+                del self._last_seen[name]
+                self._loaded.pop(name, None)
+                self._warned.pop(name, None)
+                self.log.info("dropped handler %s: its file is gone; events from now on do not go to it", name)
         if helpers != self._helpers:
             self._forget_helpers([name for name in helpers if helpers[name] != self._helpers.get(name)])
             self._helpers = helpers
@@ -1731,8 +1824,8 @@ class Registry:
         """One WARNING for a broken handler, when first seen and after each change of its file."""
         if self._warned.get(name) != signature:
             self._warned[name] = signature
-            self.log.warning("broken handler %s: %s; its events wait for the fix (python wabhook.py check says"
-                             " the same)", name, problem.rstrip(), extra={"handler": name})
+            self.log.warning("broken handler %s: %s; its events wait for the fix (%s check says"
+                             " the same)", name, problem.rstrip(), _program_name(), extra={"handler": name})
 
     def kill_running(self) -> None:
         """Kill the process group of every script still running (shutdown)."""
@@ -1753,9 +1846,10 @@ class HandlerOutput:
         self._context = threading.local()
 
     @contextlib.contextmanager
-    def attributed_to(self, handler: str, event_id: int):
-        """Route this thread's writes to the log for the duration of one handler run."""
-        self._context.run = {"handler": handler, "event_id": event_id, "partial": "", "logged": 0}
+    def attributed_to(self, handler: str, event_id: int, captured: Optional[List[str]] = None):
+        """Route this thread's writes to the log for the duration of one handler run (and to `captured`)."""
+        self._context.run = {"handler": handler, "event_id": event_id, "partial": "", "logged": 0,
+                             "captured": captured if captured is not None else []}
         try:
             yield
         finally:
@@ -1777,6 +1871,8 @@ class HandlerOutput:
         run["logged"] += len(line)
         if run["logged"] > OUTPUT_CAP:
             return
+        if run["logged"] <= OUTPUT_KEPT:
+            run["captured"].append(line + "\n")
         self._context.emitting = True  # a log handler writing to this stream must not loop back
         try:
             self._log.log(self._level, "%s | %s", run["handler"], line,
@@ -1863,11 +1959,13 @@ def _owner_is_dead(owner: str) -> bool:
 class _Run:
     """What one worker thread is running now; the watchdog may abandon it."""
 
-    __slots__ = ("claim", "handler", "kind", "started", "abandoned")
+    __slots__ = ("claim", "handler", "kind", "started", "abandoned", "output", "exit_status")
 
     def __init__(self, claim: Claim, handler: str):
         self.claim, self.handler, self.kind = claim, handler, None
         self.started, self.abandoned = time.monotonic(), False
+        self.output: List[str] = []  # what the run printed
+        self.exit_status: Optional[int] = None
 
 
 class Dispatcher:
@@ -2011,7 +2109,7 @@ class Dispatcher:
                            extra={"handler": run.handler, "event_id": run.claim.event_id})
             self._record(run.claim, run.handler, "failed",
                          "timed out after %gs (Python handlers cannot be killed; the run was abandoned)" % limit,
-                         limit)
+                         limit, run)
             rest = run.claim.handlers[run.claim.handlers.index(run.handler) + 1:]
             if rest:
                 self.inbox.release_leases(self.owner, run.claim.event_id, rest)
@@ -2048,7 +2146,7 @@ class Dispatcher:
         self.log.error("failed while running event %d:\n%s", claim.event_id, error)
         for handler in claim.handlers:  # runs recorded already are skipped: their lease is gone
             status, retry_at = self.after_failure(claim.attempts.get(handler, 1))
-            self._store_outcome((claim.event_id, handler, status, error, retry_at))
+            self._store_outcome((claim.event_id, handler, status, error, retry_at, None, None))
 
     def _run_claim(self, worker_id: int, claim: Claim) -> bool:
         """Run every handler of a claim in turn; True if the watchdog abandoned this thread."""
@@ -2067,7 +2165,7 @@ class Dispatcher:
             if outcome == "released":  # the whole handlers folder vanished: nothing ran, nothing counts
                 self.inbox.release_leases(self.owner, claim.event_id, claim.handlers[index:])
                 return False
-            self._record(claim, handler_name, outcome, error, duration)
+            self._record(claim, handler_name, outcome, error, duration, run)
         return False
 
     def _run_handler(self, run: _Run) -> Tuple[str, Optional[str], float]:
@@ -2075,30 +2173,39 @@ class Dispatcher:
         started = time.monotonic()
         claim = run.claim
         try:
-            with self._attributed(run.handler, claim.event_id):  # what it prints while loading is its own too
+            with self._attributed(run.handler, claim.event_id, run.output):  # its prints while loading count too
                 handler = self.registry.get(run.handler)
                 run.kind = handler.kind
                 event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id, claim.received_at)
-                handler.run(event, claim.body, self.log)
+                result = handler.run(event, claim.body, self.log)
+            if result is not None:  # a script: its exit status and output
+                run.exit_status, run.output[:] = result[0], [result[1]]
             return "ok", None, time.monotonic() - started
         except HandlerGone as exc:
             if self.registry.folder_missing():
                 return "released", str(exc), time.monotonic() - started
             return "skipped", str(exc), time.monotonic() - started
-        except (HandlerFailed, HandlerLoadError) as exc:
+        except HandlerFailed as exc:
+            if exc.output is not None:
+                run.output[:] = [exc.output]
+            run.exit_status = exc.exit_status
+            return "failed", str(exc), time.monotonic() - started
+        except HandlerLoadError as exc:
             return "failed", str(exc), time.monotonic() - started
         except BaseException:  # a handler's exception, even SystemExit, is a failed run
             return "failed", traceback.format_exc(), time.monotonic() - started
 
-    def _attributed(self, handler: str, event_id: int):
-        """While a handler runs, its prints go to the log as `handler | line` (see HandlerOutput)."""
+    def _attributed(self, handler: str, event_id: int, captured: List[str]):
+        """While a handler runs, its prints go to the log as `handler | line` (see HandlerOutput)
+        and to `captured`."""
         stack = contextlib.ExitStack()
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, HandlerOutput):
-                stack.enter_context(stream.attributed_to(handler, event_id))
+                stack.enter_context(stream.attributed_to(handler, event_id, captured))
         return stack
 
-    def _record(self, claim: Claim, handler: str, outcome: str, error: Optional[str], duration: float) -> None:
+    def _record(self, claim: Claim, handler: str, outcome: str, error: Optional[str], duration: float,
+                run: _Run) -> None:
         attempt = claim.attempts.get(handler, 1)
         extra = {"handler": handler, "event_id": claim.event_id}
         self.metrics.handler_run(handler, outcome, duration)
@@ -2112,13 +2219,16 @@ class Dispatcher:
             status, retry_at = self.after_failure(attempt)
             if status == "dead":
                 self.log.error("handler %s failed event %d (attempt %d of %d), dead-lettered;"
-                               " replay it with `wabhook.py replay %d`:\n%s", handler, claim.event_id, attempt,
-                               self.config.retries, claim.event_id, error, extra=extra)
+                               " replay it with `%s replay %d`:\n%s", handler, claim.event_id, attempt,
+                               self.config.retries, _program_name(), claim.event_id, error, extra=extra)
             else:
                 self.log.warning("handler %s failed event %d (attempt %d of %d), next try in %.1fs:\n%s",
                                  handler, claim.event_id, attempt, self.config.retries, retry_at - time.time(),
                                  error, extra=extra)
-        self._store_outcome((claim.event_id, handler, status, error, retry_at))
+        output = "".join(run.output)
+        if len(output) > OUTPUT_KEPT:
+            output = output[:OUTPUT_KEPT] + "\n[%d more characters not kept]" % (len(output) - OUTPUT_KEPT)
+        self._store_outcome((claim.event_id, handler, status, error, retry_at, output or None, run.exit_status))
 
     def _store_outcome(self, outcome: tuple) -> None:
         """Record a run's outcome without waiting for the commit (it joins the next batch).
@@ -2137,8 +2247,9 @@ class Dispatcher:
             if first:
                 self.log.error("cannot record handler outcomes: %s; they are kept and recorded once the"
                                " inbox is writable", error)
-        event_id, handler, status, error, retry_at = outcome
-        self.inbox.record_outcome(event_id, handler, self.owner, status, error, retry_at, on_done=stored)
+        event_id, handler, status, error, retry_at, output, exit_status = outcome
+        self.inbox.record_outcome(event_id, handler, self.owner, status, error, retry_at, on_done=stored,
+                                  output=output, exit_status=exit_status)
 
     def _retry_unrecorded(self) -> None:
         with self._idle:
@@ -3499,11 +3610,33 @@ def _help_for(option: Option) -> str:
     return "%s (env %s; default: %s)" % (option.help, env_name(option.name), shown)
 
 
-def _option_parser() -> argparse.ArgumentParser:
-    """The flags every subcommand takes, built from OPTIONS (default None: unset)."""
+def _positive(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError("expected a whole number of at least 1, such as 50")
+    return int(text)
+
+
+def _event_id(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        raise argparse.ArgumentTypeError("expected an inbox id such as 42 (see `events`)")
+    return int(text)
+
+
+def _program_name() -> str:
+    """How the user ran us, for usage and examples: `wabhook` once installed, else `python3 wabhook.py`."""
+    name = os.path.basename(sys.argv[0] or "")
+    return "wabhook" if name == "wabhook" else "python3 wabhook.py"
+
+
+def _option_parser(names: Tuple[str, ...]) -> argparse.ArgumentParser:
+    """The settings flags of one command, built from OPTIONS (default None: unset)."""
     parser = argparse.ArgumentParser(add_help=False)
+    if not names:
+        return parser
     group = parser.add_argument_group("settings (each also read from WABHOOK_<NAME>; a flag wins)")
     for option in OPTIONS:
+        if option.name not in names:
+            continue
         if option.kind == "bool":
             group.add_argument(flag_name(option.name), dest=option.name, action="store_true", default=None,
                                help=_help_for(option))
@@ -3514,56 +3647,21 @@ def _option_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:
-        raise argparse.ArgumentTypeError("expected a whole number of at least 1, such as 50")
-    return int(text)
-
-
-def _program_name() -> str:
-    """How the user ran us, for usage and examples: `wabhook` once installed, else `python wabhook.py`."""
-    name = os.path.basename(sys.argv[0] or "")
-    return "wabhook" if name == "wabhook" else "python wabhook.py"
-
-
-def build_parser(prog: str = "python wabhook.py") -> argparse.ArgumentParser:
-    options = _option_parser()
+def build_parser(prog: str = "python3 wabhook.py") -> argparse.ArgumentParser:
+    """The command line: one subcommand per row of COMMANDS, each with the settings it uses."""
     parser = argparse.ArgumentParser(
         prog=prog, description="Receive WhatsApp bridge webhooks and run your handlers for each event.",
         epilog="Without a command, wabhook serves: %s --port 3000" % prog,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="wabhook " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def command(name, help_text, example):
-        return commands.add_parser(name, parents=[options], help=help_text, description=help_text,
-                                   epilog="example:\n  " + example,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    command("serve", "receive events and run handlers (the default command)",
-            prog + " serve --port 3000 --token s3cret")
-    send = command("send", "post the documented sample of an event to a running server",
-                   prog + " send message --set body=hi --set from_me=false")
-    send.add_argument("event", choices=EVENT_TYPES, metavar="EVENT", help="one of: " + ", ".join(EVENT_TYPES))
-    send.add_argument("--url", help="where to post (default: this config's own address and --path)")
-    send.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="change a field; VALUE is read as JSON when it parses (42, true, [\"a\"]), else text")
-    send.add_argument("--bridge", metavar="LABEL", help="post to <path>/LABEL")
-    command("check", "load every handler and report problems (exit 1 if any)",
-            prog + " check --handlers ./handlers")
-    events = command("events", "list the newest events in the inbox and their deliveries",
-                     prog + " events --status dead --limit 50")
-    events.add_argument("--status", choices=("pending", "done", "dead", "skipped"),
-                        help="only events with this status (skipped: a handler's file was gone when it ran)")
-    events.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
-    events.add_argument("--json", action="store_true", help="print JSON for scripts")
-    replay = command("replay", "queue events again: their dead deliveries, or every handler anew",
-                     "%s replay 41 42   |   %s replay --dead" % (prog, prog))
-    replay.add_argument("ids", nargs="*", type=int, metavar="ID", help="inbox ids (see `events`)")
-    replay.add_argument("--dead", action="store_true", help="every dead-lettered event")
-    stats = command("stats", "counts of events by status and type, deliveries by handler",
-                    prog + " stats --json")
-    stats.add_argument("--json", action="store_true", help="print JSON for scripts")
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, parents=[_option_parser(command.settings)], help=command.summary,
+                                  description=command.summary,
+                                  epilog="example:\n  " + command.example.replace("{prog}", prog),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        if command.arguments:
+            command.arguments(sub)
     return parser
 
 
@@ -3574,7 +3672,7 @@ def _open_existing_inbox(config: Config) -> Inbox:
 
 
 def _output(data, as_json: bool, text_lines: Callable[[object], List[str]]) -> None:
-    """The one way `events` and `stats` print: JSON for scripts, text lines for people."""
+    """The one way the inspecting commands print: JSON for scripts, text lines for people."""
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -3582,21 +3680,58 @@ def _output(data, as_json: bool, text_lines: Callable[[object], List[str]]) -> N
             print(line)
 
 
-def _event_lines(events: List[dict]) -> List[str]:
-    if not events:
-        return ["no events"]
+def _utc(timestamp: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) if timestamp else "-"
+
+
+EVENTS_HEADER = "%-6s %-19s  %-8s %-24s %-9s %s" % ("ID", "RECEIVED (UTC)", "BRIDGE", "EVENT", "STATUS",
+                                                  "DELIVERIES (handler:status(attempts))")
+
+
+def _event_rows(events: List[dict]) -> List[str]:
     lines = []
     for item in events:
-        received = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["received_at"]))
         deliveries = " ".join("%s:%s(%d)" % (escape_controls(d["handler"]), d["status"], d["attempts"])
                               for d in item["deliveries"])
-        lines.append("%-6d %s  %-8s %-24s %-7s %s" % (
-            item["id"], received, escape_controls(item["bridge"] or "-"), escape_controls(item["event"]),
-            item["status"], deliveries or "(no handler)"))
+        lines.append("%-6d %s  %-8s %-24s %-9s %s" % (
+            item["id"], _utc(item["received_at"]), escape_controls(item["bridge"] or "-"),
+            escape_controls(item["event"]), item["status"], deliveries or "(no handler)"))
         for delivery in item["deliveries"]:
             if delivery["status"] in ("dead", "pending") and delivery["last_error"]:
                 last = delivery["last_error"].strip().splitlines()[-1]
                 lines.append("       %s: %s" % (escape_controls(delivery["handler"]), escape_controls(last[:200])))
+    return lines
+
+
+def _event_lines(events: List[dict]) -> List[str]:
+    return [EVENTS_HEADER] + _event_rows(events) if events else ["no events"]
+
+
+def _detail_lines(event: dict) -> List[str]:
+    try:
+        body = json.dumps(json.loads(event["body"]), indent=2, ensure_ascii=False)
+    except ValueError:
+        body = event["body"]
+    lines = ["event %d: %s from bridge %s, received %s UTC, %s" % (
+        event["id"], escape_controls(event["event"]), escape_controls(event["bridge"] or "(default)"),
+        _utc(event["received_at"]), event["status"]), ""]
+    lines += [escape_controls(line) for line in body.splitlines()]
+    if not event["deliveries"]:
+        lines += ["", "no handler took it"]
+    for d in event["deliveries"]:
+        lines += ["", "%s: %s after %d attempt%s" % (escape_controls(d["handler"]), d["status"], d["attempts"],
+                                                     "" if d["attempts"] == 1 else "s")]
+        if d["started_at"]:
+            lines.append("  last run: started %s UTC, %s" % (
+                _utc(d["started_at"]), "ended %s UTC" % _utc(d["finished_at"]) if d["finished_at"] else "running"))
+        if d["exit_status"] is not None:
+            lines.append("  exit status: %d" % d["exit_status"])
+        if d["status"] == "pending" and d["next_attempt_at"] and d["attempts"]:
+            lines.append("  next try: %s UTC" % _utc(d["next_attempt_at"]))
+        for label, text in (("last error", d["last_error"]), ("output", d["output"])):
+            if text:
+                lines.append("  %s:" % label)
+                lines += ["    " + escape_controls(line) for line in text.rstrip("\n").splitlines()]
     return lines
 
 
@@ -3660,6 +3795,15 @@ def cmd_send(config: Config, args, log: logging.Logger) -> int:
         return 1
 
 
+def cmd_samples(config: Config, args, log: logging.Logger) -> int:
+    if args.event:
+        print(json.dumps(SAMPLES[args.event], indent=2))
+    else:
+        for event_type in EVENT_TYPES:  # one per line, as events.jsonl: `samples | while read ...`
+            print(json.dumps(SAMPLES[event_type]))
+    return 0
+
+
 def cmd_check(config: Config, args, log: logging.Logger) -> int:
     good, problems = check_handlers(config.handlers)
     for name in good:
@@ -3673,12 +3817,46 @@ def cmd_check(config: Config, args, log: logging.Logger) -> int:
     return 1 if problems else 0
 
 
+FOLLOW_POLL_SECONDS = 0.5
+
+
 def cmd_events(config: Config, args, log: logging.Logger) -> int:
     inbox = _open_existing_inbox(config)
+    filters = {"status": args.status, "event_type": args.type, "bridge": args.bridge}
     try:
-        _output(inbox.list_events(args.status, args.limit), args.json, _event_lines)
+        events = inbox.list_events(limit=args.limit, **filters)
+        if not args.follow:
+            _output(events, args.json, _event_lines)
+            return 0
+        # Like `tail -f`: the last --limit events oldest first, then each new one once it is stored.
+        # Ids grow in commit order, so "after the newest id seen" misses nothing and repeats nothing.
+        if not args.json:
+            print(EVENTS_HEADER)
+        last = inbox.newest_id()
+        while True:
+            for item in reversed(events):
+                print(json.dumps(item) if args.json else "\n".join(_event_rows([item])), flush=True)
+            time.sleep(FOLLOW_POLL_SECONDS)
+            newest = inbox.newest_id()
+            events = inbox.list_events(limit=REPLAY_BATCH, after=last, before=newest + 1, **filters)[::-1]
+            last = events[0]["id"] if len(events) == REPLAY_BATCH else newest
+    except KeyboardInterrupt:
+        return 0
     finally:
         inbox.close()
+
+
+def cmd_show(config: Config, args, log: logging.Logger) -> int:
+    inbox = _open_existing_inbox(config)
+    try:
+        event = inbox.event_detail(args.id)
+    finally:
+        inbox.close()
+    if event is None:
+        print("error: no event %d in %s (see `%s events`)" % (args.id, config.db, _program_name()),
+              file=sys.stderr)
+        return 1
+    _output(event, args.json, _detail_lines)
     return 0
 
 
@@ -3691,35 +3869,131 @@ def cmd_stats(config: Config, args, log: logging.Logger) -> int:
     return 0
 
 
+def _dead_in_batches(inbox: Inbox, act: Callable[[List[int]], object], verb: str) -> int:
+    """Apply `act` to every dead event, REPLAY_BATCH at a time, printing progress; how many there were."""
+    total, after = 0, 0
+    while True:
+        batch = inbox.dead_event_ids(after, REPLAY_BATCH)
+        if not batch:
+            return total
+        act(batch)
+        total += len(batch)
+        after = batch[-1]
+        print("%s dead events: %d so far" % (verb, total), file=sys.stderr)
+
+
 def cmd_replay(config: Config, args, log: logging.Logger) -> int:
     if bool(args.ids) == bool(args.dead):
         print("error: give event ids or --dead (not both)", file=sys.stderr)
         return 2
     inbox = _open_existing_inbox(config)
     try:
-        if args.ids:
-            replayed = inbox.replay(args.ids)
-            missing = sorted(set(args.ids) - set(replayed))
-            print("replayed %d events%s" % (len(replayed), (": " + " ".join(map(str, replayed))) if replayed else ""))
-            for event_id in missing:
-                print("error: no event %d in %s" % (event_id, config.db), file=sys.stderr)
-            return 1 if missing else 0
-        total, after = 0, 0
-        while True:
-            batch = inbox.dead_event_ids(after, REPLAY_BATCH)
-            if not batch:
-                break
-            total += len(inbox.replay(batch))
-            after = batch[-1]
-            print("replaying dead events: %d so far" % total, file=sys.stderr)
-        print("replayed %d dead events" % total)
-        return 0
+        if args.dead:
+            print("replayed %d dead events" % _dead_in_batches(inbox, inbox.replay, "replaying"))
+            return 0
+        replayed = inbox.replay(args.ids)
+        missing = sorted(set(args.ids) - set(replayed))
+        print("replayed %d events%s" % (len(replayed), (": " + " ".join(map(str, replayed))) if replayed else ""))
+        for event_id in missing:
+            print("error: no event %d in %s" % (event_id, config.db), file=sys.stderr)
+        return 1 if missing else 0
     finally:
         inbox.close()
 
 
-COMMAND_FUNCTIONS = {"serve": cmd_serve, "send": cmd_send, "check": cmd_check, "events": cmd_events,
-                     "replay": cmd_replay, "stats": cmd_stats}
+def cmd_discard(config: Config, args, log: logging.Logger) -> int:
+    if bool(args.ids) == bool(args.dead):
+        print("error: give event ids or --dead (not both)", file=sys.stderr)
+        return 2
+    inbox = _open_existing_inbox(config)
+    try:
+        if args.dead:
+            print("discarded %d dead events" % _dead_in_batches(inbox, inbox.discard, "discarding"))
+            return 0
+        before = inbox.discard(args.ids)
+    finally:
+        inbox.close()
+    discarded = [event_id for event_id in args.ids if before.get(event_id) == "dead"]
+    print("discarded %d events%s" % (len(discarded), (": " + " ".join(map(str, discarded))) if discarded else ""))
+    for event_id in args.ids:
+        if event_id not in before:
+            print("error: no event %d in %s" % (event_id, config.db), file=sys.stderr)
+        elif before[event_id] != "dead":
+            print("error: event %d is %s, not dead: only dead letters are discarded" % (event_id, before[event_id]),
+                  file=sys.stderr)
+    return 0 if len(discarded) == len(args.ids) else 1
+
+
+def _send_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("event", choices=EVENT_TYPES, metavar="EVENT", help="one of: " + ", ".join(EVENT_TYPES))
+    parser.add_argument("--url", help="where to post (default: this config's own address and --path)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a field; VALUE is read as JSON when it parses (42, true, [\"a\"]), else text")
+    parser.add_argument("--bridge", metavar="LABEL", help="post to <path>/LABEL")
+
+
+def _samples_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("event", nargs="?", choices=EVENT_TYPES, metavar="EVENT",
+                        help="print this one, indented (default: all 11, one per line)")
+
+
+EVENT_STATUSES = ("pending", "done", "dead", "discarded", "skipped")
+
+
+def _events_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--status", choices=EVENT_STATUSES,
+                        help="only events with this status (skipped: a handler's file was gone when it ran)")
+    parser.add_argument("--type", metavar="EVENT", help="only events of this type")
+    parser.add_argument("--bridge", metavar="LABEL", help="only events of this bridge (- for the default one)")
+    parser.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
+    parser.add_argument("--follow", "-f", action="store_true",
+                        help="then print each new event as it arrives, until Ctrl-C (like tail -f)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts (one object a line with"
+                                                            " --follow)")
+
+
+def _show_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", type=_event_id, metavar="ID", help="an inbox id (see `events`)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _ids_or_dead(what: str) -> Callable[[argparse.ArgumentParser], None]:
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("ids", nargs="*", type=_event_id, metavar="ID", help="inbox ids (see `events`)")
+        parser.add_argument("--dead", action="store_true", help="every dead-lettered event: " + what)
+    return arguments
+
+
+def _stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+Command = namedtuple("Command", "function summary example settings arguments")
+SERVER_ADDRESS = ("host", "port", "path", "token", "secret", "tls_cert", "tls_key")
+
+# The one table of commands: the parser, `--help`, dispatch and the README reference come from it.
+COMMANDS = {
+    "serve": Command(cmd_serve, "receive events and run handlers (the default command)",
+                     "{prog} serve --port 3000 --token s3cret", tuple(option.name for option in OPTIONS), None),
+    "send": Command(cmd_send, "post the documented sample of an event to a running server",
+                    "{prog} send message --set body=hi --set from_me=false", SERVER_ADDRESS, _send_arguments),
+    "samples": Command(cmd_samples, "print the documented sample of each event (or of one), posting nothing",
+                       "{prog} samples message", (), _samples_arguments),
+    "check": Command(cmd_check, "load every handler and report problems (exit 1 if any)",
+                     "{prog} check --handlers ./handlers", ("handlers",), None),
+    "events": Command(cmd_events, "list the newest events in the inbox and their deliveries",
+                      "{prog} events --status dead --type message --limit 50", ("db",), _events_arguments),
+    "show": Command(cmd_show, "one event: its body, and each handler's attempts, last error and output",
+                    "{prog} show 42", ("db",), _show_arguments),
+    "replay": Command(cmd_replay, "queue events again: their dead deliveries, or every handler anew",
+                      "{prog} replay 41 42   |   {prog} replay --dead", ("db",),
+                      _ids_or_dead("queue them again")),
+    "discard": Command(cmd_discard, "set dead letters aside: kept in the inbox, no longer counted as dead",
+                       "{prog} discard 41 42   |   {prog} discard --dead", ("db",),
+                       _ids_or_dead("set them all aside")),
+    "stats": Command(cmd_stats, "counts of events by status and type, deliveries by handler",
+                     "{prog} stats --json", ("db",), _stats_arguments),
+}
 
 
 def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = None) -> int:
@@ -3744,7 +4018,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
         return 2
     log = setup_logging(config)
     try:
-        return COMMAND_FUNCTIONS[args.command](config, args, log)
+        return COMMANDS[args.command].function(config, args, log)
     except (InboxUnavailable, ServerError, ConfigError) as exc:
         print("error: %s" % exc, file=sys.stderr)
         return 1

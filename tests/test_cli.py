@@ -12,10 +12,12 @@ import base64
 import json
 import os
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 from tests.support import SCRIPT, WabhookTestCase, load_samples, wait_until
@@ -47,7 +49,14 @@ def handle(event: MessageEvent) -> None:
     raise ValueError("broken on purpose: " + event.body)
 '''
 
-EVENT_LINE = re.compile(r"(\d+)\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+(\S+)\s+(\S+)\s+(pending|done|dead)\s+(.*)")
+EVENT_LINE = re.compile(r"(\d+)\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+(\S+)\s+(\S+)\s+(pending|done|dead|discarded)\s+(.*)")
+
+
+def event_rows(output):
+    """The event lines of `events` text output: after its header row, not the indented error lines."""
+    lines = output.splitlines()
+    assert lines[0] == wabhook.EVENTS_HEADER, lines[:1]
+    return [line for line in lines[1:] if not line.startswith(" ")]
 
 # One row per option: (environment value, the Config value it gives, a flag value, the Config value of that).
 OPTION_CASES = {
@@ -131,15 +140,29 @@ class VersionAndHelpTest(CliTestCase):
         self.assertEqual(result.stdout.strip(), "wabhook " + wabhook.__version__)
 
     def test_help_of_every_subcommand_exits_zero_and_shows_an_example(self):
-        self.assertEqual(set(wabhook.COMMANDS), {"serve", "send", "check", "events", "replay", "stats"})
+        self.assertEqual(set(wabhook.COMMANDS), {"serve", "send", "samples", "check", "events", "show", "replay",
+                                                 "discard", "stats"})
         commands = [[name, "--help"] for name in wabhook.COMMANDS]
+        helps = {}
         for args, result in zip(commands, self.cli_all(commands)):
             with self.subTest(command=args[0]):
                 self.assertEqual(result.returncode, 0, result.stderr)
                 self.assertIn("example", result.stdout.lower())
-                self.assertIn("python wabhook.py %s" % args[0], result.stdout)
-                self.assertIn("--port", result.stdout)  # every command takes the settings flags
-                self.assertIn("WABHOOK_PORT", result.stdout)
+                self.assertIn("python3 wabhook.py %s" % args[0], result.stdout)
+                helps[args[0]] = result.stdout
+        # Each lists only the flags it uses.
+        self.assertIn("--workers", helps["serve"])
+        self.assertIn("--token", helps["send"])
+        self.assertNotIn("--workers", helps["send"])
+        for command in ("events", "show", "replay", "discard", "stats"):
+            self.assertIn("--db", helps[command])
+            self.assertNotIn("--port", helps[command])
+            self.assertNotIn("--workers", helps[command])
+        self.assertNotIn("--db", helps["samples"])
+        refused = self.run_cli("events", "--port", "3000")
+        self.assertEqual(refused.returncode, 2)
+        self.assertIn("unrecognized arguments: --port", refused.stderr)
+        self.assertIn("WABHOOK_DB", helps["events"])  # settings name their environment variable
 
 
 class SendTest(CliTestCase):
@@ -224,8 +247,10 @@ class InspectTest(CliTestCase):
         self.stop_server(server)
 
     def test_events_lists_newest_first_with_deliveries_and_dead_errors(self):
-        lines = self.cli("events", "--db", self.db).stdout.splitlines()
-        rows = [EVENT_LINE.fullmatch(line.rstrip()) for line in lines if not line.startswith(" ")]
+        output = self.cli("events", "--db", self.db).stdout
+        lines = output.splitlines()[1:]
+        self.assertIn("RECEIVED (UTC)", output.splitlines()[0])
+        rows = [EVENT_LINE.fullmatch(line.rstrip()) for line in event_rows(output)]
         self.assertNotIn(None, rows, lines)
         self.assertEqual([(int(r.group(1)), r.group(2), r.group(3), r.group(4), r.group(5)) for r in rows], [
             (self.dead_id, "-", "connected", "dead", "connected.py:dead(1)"),
@@ -236,12 +261,53 @@ class InspectTest(CliTestCase):
         self.assertIn("connected.py: RuntimeError: cannot handle connected yet", lines[1])
 
     def test_events_filters_by_status_and_limit_in_text(self):
-        lines = self.cli("events", "--db", self.db, "--status", "dead").stdout.splitlines()
+        lines = self.cli("events", "--db", self.db, "--status", "dead").stdout.splitlines()[1:]
         self.assertEqual(int(EVENT_LINE.fullmatch(lines[0].rstrip()).group(1)), self.dead_id)
         self.assertEqual(len(lines), 2, lines)  # the event and its handler's last error
-        lines = self.cli("events", "--db", self.db, "--status", "done", "--limit", "1").stdout.splitlines()
+        lines = event_rows(self.cli("events", "--db", self.db, "--status", "done", "--limit", "1").stdout)
         self.assertEqual([int(EVENT_LINE.fullmatch(line.rstrip()).group(1)) for line in lines], [self.ids[2]])
         self.assertEqual(self.cli("events", "--db", self.db, "--status", "pending").stdout.strip(), "no events")
+
+    def test_events_filters_by_type_and_bridge(self):
+        def ids(*args):
+            return [item["id"] for item in self.events_json(*args)]
+        self.assertEqual(ids("--type", "connected"), [self.dead_id])
+        self.assertEqual(ids("--type", "message"), self.ids[::-1])
+        self.assertEqual(ids("--bridge", "shop-1"), [self.ids[0]])
+        self.assertEqual(ids("--bridge", "-"), [self.dead_id, self.ids[2], self.ids[1]])
+        self.assertEqual(ids("--bridge", "-", "--type", "message", "--status", "done", "--limit", "1"), [self.ids[2]])
+        self.assertEqual(ids("--type", "typing"), [])
+
+    def test_show_prints_the_body_and_each_handlers_attempts_error_and_output(self):
+        text = self.cli("show", str(self.dead_id), "--db", self.db).stdout
+        self.assertIn("event %d: connected from bridge (default)" % self.dead_id, text)
+        self.assertIn('"phone": "15550001234"', text)  # the body, indented
+        self.assertIn("connected.py: dead after 1 attempt", text)
+        self.assertRegex(text, r"last run: started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, ended ")
+        self.assertIn("RuntimeError: cannot handle connected yet", text)
+        detail = json.loads(self.cli("show", str(self.ids[0]), "--db", self.db, "--json").stdout)
+        self.assertEqual((detail["id"], detail["bridge"], detail["status"]), (self.ids[0], "shop-1", "done"))
+        [delivery] = detail["deliveries"]
+        self.assertEqual((delivery["handler"], delivery["status"], delivery["attempts"], delivery["exit_status"]),
+                         ("message.py", "done", 1, None))
+        self.assertLessEqual(delivery["started_at"], delivery["finished_at"])
+        missing = self.cli("show", "9999", "--db", self.db, expect=1)
+        self.assertIn("no event 9999", missing.stderr)
+
+    def test_discard_sets_a_dead_letter_aside_and_refuses_the_others(self):
+        refused = self.cli("discard", str(self.ids[0]), "9999", "--db", self.db, expect=1)
+        self.assertIn("event %d is done, not dead" % self.ids[0], refused.stderr)
+        self.assertIn("no event 9999", refused.stderr)
+        result = self.cli("discard", str(self.dead_id), "--db", self.db)
+        self.assertEqual(result.stdout.strip(), "discarded 1 events: %d" % self.dead_id)
+        stats = json.loads(self.cli("stats", "--db", self.db, "--json").stdout)
+        self.assertEqual(stats["events"], {"pending": 0, "done": 3, "dead": 0, "discarded": 1})
+        self.assertEqual(self.events_json("--status", "discarded")[0]["deliveries"][0]["status"], "discarded")
+        self.assertEqual(self.cli("discard", "--dead", "--db", self.db).stdout.strip(), "discarded 0 dead events")
+        # Kept for the record, and replayable like a dead letter.
+        self.cli("replay", str(self.dead_id), "--db", self.db)
+        self.assertEqual(self.query("SELECT status FROM deliveries WHERE event_id = ?", (self.dead_id,)),
+                         [("pending",)])
 
     def test_events_json_has_bodies_deliveries_and_full_errors(self):
         everything = self.events_json()
@@ -264,11 +330,11 @@ class InspectTest(CliTestCase):
 
     def test_stats_counts_by_status_type_and_handler(self):
         stats = json.loads(self.cli("stats", "--db", self.db, "--json").stdout)
-        self.assertEqual(stats["events"], {"pending": 0, "done": 3, "dead": 1})
+        self.assertEqual(stats["events"], {"pending": 0, "done": 3, "dead": 1, "discarded": 0})
         self.assertEqual(stats["by_type"], {"connected": 1, "message": 3})
         self.assertEqual(stats["deliveries_by_handler"], {"connected.py": {"dead": 1}, "message.py": {"done": 3}})
         lines = self.cli("stats", "--db", self.db).stdout.splitlines()
-        self.assertEqual(lines, ["events: 0 pending, 3 done, 1 dead", "by type: connected 1, message 3",
+        self.assertEqual(lines, ["events: 0 pending, 3 done, 1 dead, 0 discarded", "by type: connected 1, message 3",
                                  "handler connected.py: 1 dead", "handler message.py: 3 done"])
 
     def test_events_and_stats_without_an_inbox_exit_1_and_say_so(self):
@@ -373,7 +439,8 @@ class UsageAndConfigErrorTest(CliTestCase):
                 self.assertNotIn("Traceback", result.stderr)
 
     def test_bad_setting_values_exit_2_with_an_error_naming_the_setting(self):
-        missing_db = os.path.join(self.tmp, "missing.db")  # a setting accepted by mistake would exit 1 instead
+        # `serve` takes every setting; one accepted by mistake would exit 1 instead (no such folder).
+        missing_db = os.path.join(self.tmp, "no-such-folder", "wabhook.db")
         cases = [
             (["--port", "abc"], {}, "--port"), (["--port", "70000"], {}, "--port"),
             (["--workers", "0"], {}, "--workers"), (["--retry-delay", "soon"], {}, "--retry-delay"),
@@ -386,7 +453,7 @@ class UsageAndConfigErrorTest(CliTestCase):
         ]
         for flags, env, named in cases:
             with self.subTest(flags=flags, env=env):
-                result = self.run_cli("stats", "--db", missing_db, *flags, env=env)
+                result = self.run_cli("serve", "--port", "0", "--db", missing_db, *flags, env=env)
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertTrue(result.stderr.startswith("error: "), result.stderr)
                 self.assertIn(named, result.stderr)
@@ -493,7 +560,7 @@ class ServeTest(CliTestCase):
         self.assertEqual(json.loads(self.read_lines("seen")[0])[:2], [reply["id"], "connected"])
         self.assertEqual(self.terminate(process), 0)
 
-    def test_readme_walk_through_from_first_event_to_replayed_dead_letter(self):
+    def test_a_broken_handler_dead_letters_and_a_replay_after_the_fix_delivers(self):
         self.write_handler("message.py", README_HANDLER)
         process, port = self.start_process("--retries", "2")
         port_flag = ["--port", str(port)]
@@ -512,7 +579,7 @@ class ServeTest(CliTestCase):
         second_id = json.loads(sent[4:])["id"]
         self.assertNotEqual(second_id, first_id)
         self.wait_status(second_id, "dead")
-        dead = self.cli("events", "--status", "dead", "--db", self.db).stdout.splitlines()
+        dead = self.cli("events", "--status", "dead", "--db", self.db).stdout.splitlines()[1:]
         self.assertEqual(int(EVENT_LINE.fullmatch(dead[0].rstrip()).group(1)), second_id)
         self.assertIn("message.py:dead(2)", dead[0])
         self.assertIn("ValueError: broken on purpose: Hi there", dead[1])
@@ -581,3 +648,40 @@ class ClearMistakesTest(CliTestCase):
         self.assertTrue(result.stdout.startswith("200 "), result.stdout)
         unsigned = self.run_cli("send", "typing", "--url", "127.0.0.1:%d/hook" % server.port)
         self.assertTrue(unsigned.stdout.startswith("401 "), unsigned.stdout)
+
+
+class SamplesTest(CliTestCase):
+    def test_samples_prints_the_documented_payloads_without_posting(self):
+        lines = self.cli("samples").stdout.splitlines()
+        self.assertEqual([json.loads(line) for line in lines], load_samples())
+        one = self.cli("samples", "poll_vote").stdout
+        self.assertEqual(json.loads(one), SAMPLES["poll_vote"])
+        self.assertIn('\n  "selected_options": [', one)  # indented for reading
+        self.assertEqual(self.run_cli("samples", "poll").returncode, 2)
+
+
+class FollowTest(CliTestCase):
+    def test_events_follow_prints_each_new_matching_event_once_as_it_arrives(self):
+        server = self.start_server()
+        first = self.post(server, MESSAGE)[1]["id"]
+        follower = subprocess.Popen([sys.executable, SCRIPT, "events", "--follow", "--json", "--type", "message",
+                                     "--db", self.db], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    cwd=self.tmp)
+        try:
+            self.assertEqual(json.loads(follower.stdout.readline())["id"], first)  # the backlog first
+            self.post(server, SAMPLES["connected"])  # another type: not printed
+            second = self.post(server, dict(MESSAGE, message_id="FOLLOW2"))[1]["id"]
+            third = self.post(server, dict(MESSAGE, message_id="FOLLOW3"))[1]["id"]
+            # readline() blocks until the line arrives; the subprocess is killed below if it never does.
+            killer = threading.Timer(20, follower.kill)
+            killer.start()
+            try:
+                seen = [json.loads(follower.stdout.readline())["id"] for _ in range(2)]
+            finally:
+                killer.cancel()
+            self.assertEqual(seen, [second, third])
+        finally:
+            follower.send_signal(signal.SIGINT)
+            self.assertEqual(follower.wait(timeout=10), 0)
+            follower.stdout.close()
+            follower.stderr.close()

@@ -8,10 +8,12 @@ must appear in the README's Reference (or where the SPEC puts it).
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 
-from tests.support import ROOT, SCRIPT, WabhookTestCase
+from tests.support import ROOT, SCRIPT, WabhookTestCase, wait_until
 
 import wabhook
 
@@ -111,8 +113,8 @@ class ReadmeTest(WabhookTestCase):
 
     def test_readme_opens_with_the_run_and_test_commands(self):
         blocks = code_blocks(self.readme)
-        self.assertEqual(blocks[:2], [["python wabhook.py --port 3000"], ["python -m unittest"]])
-        first_code = self.readme.index("python wabhook.py --port 3000")
+        self.assertEqual(blocks[:2], [["python3 wabhook.py --port 3000"], ["python3 -m unittest"]])
+        first_code = self.readme.index("python3 wabhook.py --port 3000")
         self.assertLess(first_code, self.readme.index("## Writing handlers"))
 
     def test_sections_come_in_the_order_the_spec_gives(self):
@@ -154,7 +156,7 @@ class ReadmeTest(WabhookTestCase):
         commands = section(self.readme, "Commands")
         for command in wabhook.COMMANDS:
             with self.subTest(command=command):
-                self.assertRegex(commands, r"\| `(python wabhook\.py \[flags\]`, `)?%s\b" % command)
+                self.assertRegex(commands, r"\| `(python3 wabhook\.py \[flags\]`, `)?%s\b" % command)
         endpoints = section(self.readme, "Endpoints")
         for endpoint, method in (("/hook", "POST"), ("/hook/<bridge>", "POST"), ("/healthz", "GET, HEAD"),
                                  ("/metrics", "GET, HEAD")):
@@ -206,3 +208,81 @@ class ReadmeTest(WabhookTestCase):
         [row] = [cells for cells in table_rows(section(self.readme, "Endpoints")) if cells[0] == "`/healthz`"]
         documented = set(re.findall(r'"(\w+)"', row[3])) - {"ok"}
         self.assertEqual(fields, documented)
+
+
+TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(,\d{3})?")
+
+
+def masked_log(lines):
+    """Log lines with what differs between runs (time, port, the handlers folder) masked, sorted:
+    handlers of different chats may print in either order."""
+    masks = ((TIME, "<time>"), (re.compile(r"127\.0\.0\.1:\d+"), "127.0.0.1:<port>"),
+             (re.compile(r"\(handlers: [^,]+,"), "(handlers: <folder>,"))
+    out = []
+    for line in lines:
+        for pattern, replacement in masks:
+            line = pattern.sub(replacement, line)
+        out.append(line)
+    return sorted(out)
+
+
+def command_runs(block):
+    """[(command, expected output lines)] of a `$ command` / output code block."""
+    runs = []
+    for line in block:
+        if line.startswith("$ "):
+            runs.append((line[2:], []))
+        else:
+            runs[-1][1].append(line)
+    return runs
+
+
+class ReadmeWalkThroughTest(WabhookTestCase):
+    """The README's walk-through, run as a reader runs it: every output and log line it shows."""
+
+    def run_readme_command(self, command, port):
+        words = shlex.split(command)
+        self.assertEqual(words[:2], ["python3", "wabhook.py"], command)
+        result = subprocess.run([sys.executable, SCRIPT] + words[2:], capture_output=True, text=True, timeout=60,
+                                cwd=self.tmp, env=dict(os.environ, WABHOOK_PORT=str(port)))
+        self.assertEqual(result.returncode, 0, command + "\n" + result.stderr)
+        return [TIME.sub("<time>", line) for line in result.stdout.splitlines() if line.strip()]
+
+    def test_the_commands_print_and_the_server_logs_what_the_readme_shows(self):
+        readme = read_readme()
+        sends, log_block = code_blocks(section(readme, "Trying it with `send`"))
+        [inspect] = code_blocks(section(readme, "Inspecting and replaying"))
+        shipped = os.path.join(ROOT, "handlers")
+        for name in os.listdir(shipped):
+            if os.path.isfile(os.path.join(shipped, name)):
+                shutil.copy2(os.path.join(shipped, name), self.handlers)  # the exec bit too
+        # `python3 wabhook.py --port 3000` in the folder holding handlers/, on a free port.
+        process, port = self.start_readme_server()
+        try:
+            for command, expected in command_runs(sends):
+                with self.subTest(command=command):
+                    self.assertEqual(self.run_readme_command(command, port), expected)
+            expected_log = masked_log(log_block)
+            wait_until(lambda: len(self.process_log(process).splitlines()) >= len(expected_log),
+                       message="the log lines the README shows")
+            wait_until(lambda: self.query("SELECT COUNT(*) FROM events WHERE status = 'done'")[0][0] == 4,
+                       message="the four events delivered")
+            self.assertEqual(masked_log(self.process_log(process).splitlines()), expected_log)
+            for command, expected in command_runs(inspect):
+                with self.subTest(command=command):
+                    self.assertEqual(self.run_readme_command(command, port),
+                                     [TIME.sub("<time>", line) for line in expected])
+        finally:
+            self.assertEqual(self.terminate(process), 0)
+
+    def start_readme_server(self):
+        log_path = os.path.join(self.tmp, "readme-server.log")
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen([sys.executable, SCRIPT, "--port", "0"], stdout=log_file,
+                                       stderr=subprocess.STDOUT, cwd=self.tmp)
+        process.log_path = log_path
+        self.processes.append(process)
+        match = wait_until(lambda: re.search(r"listening on http://127\.0\.0\.1:(\d+)", self.process_log(process))
+                           or process.poll() is not None and "exited", message="the server to listen")
+        self.assertNotEqual(match, "exited", self.process_log(process))
+        return process, int(match.group(1))
