@@ -49,7 +49,8 @@ def handle(event: MessageEvent) -> None:
     raise ValueError("broken on purpose: " + event.body)
 '''
 
-EVENT_LINE = re.compile(r"(\d+)\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+(\S+)\s+(\S+)\s+(pending|done|dead|discarded)\s+(.*)")
+EVENT_LINE = re.compile(r"(\d+)\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+(\S+)\s+(\S+)\s+"
+                        r"(pending|done|dead|discarded)\s+(.*)")
 
 
 def event_rows(output):
