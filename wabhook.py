@@ -131,6 +131,8 @@ OPTIONS = (
     Option("log_format", "text", ("text", "json"), "log lines as readable text or one JSON object per line"),
     Option("log_level", "info", ("debug", "info", "warning", "error"), "least severe log level shown"),
     Option("access_log", False, "bool", "log one line per HTTP request"),
+    Option("no_ui", False, "bool", "do not serve the inbox page (/) and its JSON API (/api/); without --token they"
+           " are served only on a loopback --host"),
 )
 
 DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -170,6 +172,7 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     access_log: bool = False
+    no_ui: bool = False
 
 
 def env_name(option_name: str) -> str:
@@ -299,6 +302,9 @@ def validate_config(config: Config) -> None:
         raise ConfigError("--db must be a file: the inbox must outlive the process")
     if config.path in ("/healthz", "/metrics"):
         raise ConfigError("--path %s collides with an operator endpoint" % config.path)
+    if not config.no_ui and (config.path in PAGE_FILES or config.path.split("/")[1] == "api"):
+        raise ConfigError("--path %s collides with the inbox page (/, /api/): pick another path, or pass --no-ui"
+                          % config.path)
     if config.retry_delay <= 0 or config.script_timeout <= 0 or config.timeout <= 0:
         raise ConfigError("--retry-delay, --script-timeout and --timeout must be above 0")
 
@@ -596,6 +602,10 @@ def lane_of(raw: dict, bridge: Optional[str]) -> str:
 # ---------------------------------------------------------------------------
 # 3. Inbox
 # ---------------------------------------------------------------------------
+
+# What `events --status` and /api/events?status= take: an event's status, or `skipped`
+# (the events with a delivery whose handler file was gone when it ran).
+EVENT_STATUSES = ("pending", "done", "dead", "discarded", "skipped")
 
 SCHEMA_VERSION = 2  # 2: deliveries keep their last run's start, exit status and output
 
@@ -2372,6 +2382,10 @@ class ServiceUnavailable(HTTPError):
     status = 503
 
 
+class Conflict(HTTPError):
+    status = 409
+
+
 def _printable(text: str, limit: int = 200) -> str:
     """Request text made safe for one log line (no control characters, bounded)."""
     return ascii(text[:limit])[1:-1]
@@ -3008,6 +3022,19 @@ class HTTPFront:
                 self._require_token(request)
             self._answer_in_thread(connection, app.health if path == "/healthz" else self._metrics_reply)
             return
+        if path in PAGE_FILES or path == "/api" or path.startswith("/api/"):
+            if not app.serves_page:
+                raise NotFound("not_found", "no such path; the inbox page is off (see the start-up log)")
+            if path in PAGE_FILES:  # no data in these: served without the token, so the page can ask for it
+                self._require_method(request, "GET", "HEAD")
+                body, content_type = PAGE_FILES[path]
+                self._answer(connection, 200, body, content_type, PAGE_HEADERS)
+                return
+            self._require_method(request, "GET", "HEAD", "POST")
+            self._require_token(request)
+            self._answer_in_thread(connection, functools.partial(app.api.answer, request.method, path,
+                                                                 request.query))
+            return
         prefix = config.path.rstrip("/")
         if path != config.path and not path.startswith(prefix + "/"):
             raise NotFound("not_found", "no such path; events go to %s or %s/<bridge>" % (config.path, prefix))
@@ -3111,6 +3138,10 @@ class HTTPFront:
         self._answer(connection, *reply)
         self._advance(connection)
 
+    def _refuse_and_go_on(self, connection: _Connection, exc: HTTPError) -> None:
+        self._refuse(connection, exc)
+        self._advance(connection)
+
     def _metrics_reply(self) -> Tuple[int, bytes, str]:
         return 200, self.app.metrics_text().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
 
@@ -3120,7 +3151,11 @@ class HTTPFront:
         connection.deadline = float("inf")
 
         def run():
-            reply = make_reply()
+            try:
+                reply = make_reply()
+            except HTTPError as exc:
+                self.complete(connection, self._refuse_and_go_on, exc)
+                return
             if len(reply) == 2:  # (status, JSON payload)
                 reply = (reply[0], json.dumps(reply[1]).encode("utf-8"), "application/json")
             self.complete(connection, self._answer_and_go_on, *reply)
@@ -3139,10 +3174,11 @@ class HTTPFront:
 
     # -- replies -----------------------------------------------------------
 
-    def _answer(self, connection: _Connection, status: int, body: bytes, content_type: str) -> None:
+    def _answer(self, connection: _Connection, status: int, body: bytes, content_type: str,
+                headers: Tuple = ()) -> None:
         """A successful reply; the connection closes after it if the request asked, or left a body unread."""
         request = connection.request
-        self._send(connection, status, body, content_type, not request.keep_alive or request.has_body)
+        self._send(connection, status, body, content_type, not request.keep_alive or request.has_body, headers)
 
     def _refuse(self, connection: _Connection, exc: HTTPError) -> None:
         """The one way an error reply is made: JSON body, a log line, a metric, the access log."""
@@ -3247,12 +3283,27 @@ class Metrics:
         self.runs: Dict[Tuple[str, str], int] = {}
         self.durations: Dict[str, _Histogram] = {}
         self.ack_latency = _Histogram(ACK_BUCKETS)
+        self._recent: "collections.deque[List[int]]" = collections.deque()  # [second, events stored in it]
 
     def event_received(self, event_type: str, duplicate: bool):
         label = event_type if event_type in EVENT_CLASSES else "unknown"
+        second = int(time.monotonic())
         with self._lock:
             counter = self.duplicates if duplicate else self.received
             counter[label] = counter.get(label, 0) + 1
+            if not duplicate:
+                if self._recent and self._recent[-1][0] == second:
+                    self._recent[-1][1] += 1
+                else:
+                    self._recent.append([second, 1])
+                    while self._recent[0][0] <= second - 60:
+                        self._recent.popleft()
+
+    def stored_last_minute(self) -> int:
+        """Events this process stored during the last 60 seconds (duplicates not counted)."""
+        since = int(time.monotonic()) - 60
+        with self._lock:
+            return sum(count for second, count in self._recent if second > since)
 
     def rejected(self, status: int):
         with self._lock:
@@ -3300,6 +3351,663 @@ class Metrics:
             family("wabhook_events_%s" % name, "gauge", "Events in the inbox whose delivery is %s." % name)
             out.append("wabhook_events_%s %d" % (name, value))
         return "\n".join(out) + "\n"
+
+
+# The inbox page's three files, served as they are (see PAGE_FILES).
+PAGE_HTML = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>wabhook inbox</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/ui.css">
+<script src="/ui.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>wabhook inbox</h1>
+  <p id="status" role="status" aria-live="polite">loading&hellip;</p>
+  <p id="notice" aria-live="polite"></p>
+  <button type="button" id="forget-token" data-action="forget" hidden>Forget token</button>
+</header>
+
+<form id="token-form" hidden>
+  <h2>Token</h2>
+  <p id="token-message">This inbox needs the server's <code>--token</code>.</p>
+  <label for="token-input">Token</label>
+  <input id="token-input" name="token" type="password" autocomplete="off" required>
+  <button type="submit">Open the inbox</button>
+  <p class="note">Kept in this tab only (sessionStorage), sent as a Bearer header.</p>
+</form>
+
+<main id="app" hidden>
+  <section id="counters" aria-labelledby="counters-title">
+    <h2 id="counters-title">Counters</h2>
+    <dl class="counts">
+      <div><dt>received</dt><dd id="count-received">&ndash;</dd></div>
+      <div><dt>pending</dt><dd id="count-pending">&ndash;</dd></div>
+      <div><dt>dead</dt><dd><button type="button" id="count-dead" data-action="show-dead"
+        title="Show the dead letters">&ndash;</button></dd></div>
+      <div><dt>discarded</dt><dd id="count-discarded">&ndash;</dd></div>
+      <div><dt>per minute</dt><dd id="count-per-minute">&ndash;</dd></div>
+      <div><dt>oldest pending</dt><dd id="count-oldest">&ndash;</dd></div>
+    </dl>
+    <table id="handlers">
+      <caption>Deliveries per handler</caption>
+      <thead><tr><th scope="col">handler</th><th scope="col">done</th><th scope="col">pending</th>
+        <th scope="col">running</th><th scope="col">dead</th><th scope="col">skipped</th>
+        <th scope="col">discarded</th></tr></thead>
+      <tbody></tbody>
+    </table>
+  </section>
+
+  <section id="list" aria-labelledby="list-title">
+    <h2 id="list-title">Events</h2>
+    <form id="filters" role="search">
+      <label>type <input id="filter-type" name="type" list="event-types" size="14" autocomplete="off"></label>
+      <datalist id="event-types">
+        <option value="message"><option value="connected"><option value="disconnected"><option value="typing">
+        <option value="poll_vote"><option value="event_response"><option value="call_incoming">
+        <option value="call_terminated"><option value="offline_sync_preview"><option value="offline_sync_completed">
+        <option value="profile_picture_updated">
+      </datalist>
+      <label>bridge <input id="filter-bridge" name="bridge" size="14" placeholder="any (- = default)"
+        autocomplete="off"></label>
+      <label>status <select id="filter-status" name="status">
+        <option value="">any</option><option value="pending">pending</option><option value="done">done</option>
+        <option value="dead">dead</option><option value="discarded">discarded</option>
+        <option value="skipped">skipped</option></select></label>
+      <button type="submit">Filter</button>
+      <button type="reset">Clear</button>
+    </form>
+    <table id="events">
+      <thead><tr><th scope="col">#</th><th scope="col">received (UTC)</th><th scope="col">bridge</th>
+        <th scope="col">event</th><th scope="col">status</th><th scope="col">handlers</th>
+        <th scope="col">body</th><th scope="col"><span class="sr">actions</span></th></tr></thead>
+      <tbody></tbody>
+    </table>
+    <p id="events-empty" hidden>No events match.</p>
+    <nav class="pager" aria-label="Pages">
+      <button type="button" id="page-latest" data-action="latest" disabled>Latest</button>
+      <button type="button" id="page-newer" data-action="newer" disabled>Newer</button>
+      <button type="button" id="page-older" data-action="older" disabled>Older</button>
+    </nav>
+  </section>
+
+  <section id="detail" aria-labelledby="detail-title" hidden>
+    <h2 id="detail-title">Event</h2>
+    <button type="button" id="detail-close" data-action="close" aria-label="Close the event">Close</button>
+    <dl id="detail-meta" class="meta"></dl>
+    <p id="detail-actions"></p>
+    <h3>Body</h3>
+    <pre id="detail-body"></pre>
+    <table id="deliveries">
+      <caption>Deliveries</caption>
+      <thead><tr><th scope="col">handler</th><th scope="col">status</th><th scope="col">attempts</th>
+        <th scope="col">started</th><th scope="col">finished</th><th scope="col">exit</th>
+        <th scope="col">next attempt</th><th scope="col">last error</th><th scope="col">output</th></tr></thead>
+      <tbody></tbody>
+    </table>
+  </section>
+</main>
+</body>
+</html>
+'''
+
+PAGE_CSS = r'''/* wabhook inbox page: system fonts, no external assets. */
+:root { --fg: #1d232a; --muted: #5d6873; --line: #d9dee3; --bg: #fff; --panel: #f5f7f9; --accent: #0b63c5;
+        --done: #1a7f37; --pending: #9a6700; --dead: #c4281c; --other: #5d6873; color-scheme: light dark; }
+@media (prefers-color-scheme: dark) {
+  :root { --fg: #e6e9ec; --muted: #9aa4ae; --line: #39414a; --bg: #15191d; --panel: #1d2227; --accent: #5aa2f0;
+          --done: #4cc26b; --pending: #d8a73a; --dead: #f0675b; }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0 auto; max-width: 78rem; padding: 0 1rem 2rem; color: var(--fg); background: var(--bg);
+       font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+code, pre, .time, .preview, td[data-count], dd {
+  font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12.5px; }
+h1 { font-size: 1.25rem; margin: 0; }
+h2 { font-size: 1rem; margin: 0 0 .5rem; }
+h3 { font-size: .9rem; margin: 1rem 0 .25rem; }
+header { display: flex; align-items: baseline; gap: 1rem; padding: .75rem 0; border-bottom: 1px solid var(--line);
+         margin-bottom: 1rem; }
+#status { color: var(--muted); margin: 0; }
+#notice { margin: 0; flex: 1; }
+#notice.error { color: var(--dead); }
+section { margin-bottom: 1.25rem; }
+
+button { font: inherit; padding: .2rem .6rem; border: 1px solid var(--line); border-radius: 4px;
+         background: var(--panel); color: var(--fg); cursor: pointer; }
+button:hover:not(:disabled) { border-color: var(--accent); }
+button:disabled { opacity: .45; cursor: default; }
+button:focus-visible, input:focus-visible, select:focus-visible {
+  outline: 2px solid var(--accent); outline-offset: 1px; }
+button.link { border: 0; background: none; padding: 0; color: var(--accent); text-decoration: underline; }
+button.replay { border-color: var(--done); color: var(--done); }
+button.discard { border-color: var(--dead); color: var(--dead); }
+input, select { font: inherit; padding: .15rem .35rem; border: 1px solid var(--line); border-radius: 4px;
+                background: var(--bg); color: var(--fg); }
+
+#token-form { max-width: 26rem; margin: 3rem auto; padding: 1.25rem; border: 1px solid var(--line); border-radius: 6px;
+              background: var(--panel); display: grid; gap: .5rem; }
+#token-form p { margin: 0; }
+.note { color: var(--muted); font-size: 12px; }
+
+.counts { display: flex; flex-wrap: wrap; gap: .5rem; margin: 0 0 .75rem; }
+.counts div { padding: .4rem .8rem; border: 1px solid var(--line); border-radius: 6px; background: var(--panel);
+              min-width: 7rem; }
+.counts dt { color: var(--muted); font-size: 12px; }
+.counts dd { margin: 0; font-size: 1.2rem; }
+#count-dead { font: inherit; padding: 0; border: 0; background: none; color: inherit; }
+#count-dead:hover { text-decoration: underline; }
+#count-dead.alert { color: var(--dead); font-weight: 600; }
+
+table { border-collapse: collapse; width: 100%; }
+caption { text-align: left; color: var(--muted); font-size: 12px; padding-bottom: .25rem; }
+th, td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+thead th { font-weight: 600; color: var(--muted); font-size: 12px; }
+#handlers { width: auto; }
+td[data-count] { text-align: right; }
+#events tbody tr { cursor: pointer; }
+#events tbody tr:hover { background: var(--panel); }
+#events tbody tr.selected { background: var(--panel); box-shadow: inset 3px 0 var(--accent); }
+.preview { max-width: 28rem; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; color: var(--muted); }
+.actions { white-space: nowrap; }
+.actions button + button, #detail-actions button + button { margin-left: .35rem; }
+.deliveries { display: flex; flex-direction: column; }
+.badge { display: inline-block; padding: 0 .4rem; border-radius: 3px; border: 1px solid currentColor; font-size: 12px; }
+.st-done { color: var(--done); }
+.st-pending, .st-running { color: var(--pending); }
+.st-dead { color: var(--dead); }
+.st-discarded, .st-skipped, .st-other { color: var(--other); }
+
+#filters { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem .9rem; margin-bottom: .5rem; }
+.pager { display: flex; gap: .5rem; margin-top: .5rem; }
+.sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); white-space: nowrap; }
+
+#detail { position: relative; padding: 1rem; border: 1px solid var(--line); border-radius: 6px;
+          background: var(--panel); }
+#detail-close { position: absolute; top: .75rem; right: .75rem; }
+.meta { display: flex; flex-wrap: wrap; gap: .25rem 1.5rem; margin: 0 0 .5rem; }
+.meta dt { color: var(--muted); font-size: 12px; }
+.meta dd { margin: 0; }
+pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; }
+#detail-body { padding: .6rem .75rem; background: var(--bg); border: 1px solid var(--line); border-radius: 4px;
+               max-height: 24rem; overflow: auto; }
+#deliveries { margin-top: 1rem; }
+#deliveries pre { max-height: 12rem; overflow: auto; }
+pre.error { color: var(--dead); }
+'''
+
+PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws counters, events and one event.
+// Every value that comes from an event is inserted as text (createTextNode / textContent), never as
+// HTML; the page's Content-Security-Policy admits this file and ui.css only.
+'use strict';
+
+(function () {
+  const TOKEN_KEY = 'wabhook-token';
+  const POLL_MS = 1000;
+  const PAGE_SIZE = 50;
+  const STATUSES = ['pending', 'running', 'done', 'dead', 'discarded', 'skipped'];
+  const NONE = '\u2013';  // an en dash for a value that is not there (this file stays ASCII)
+  const HANDLER_COLUMNS = ['done', 'pending', 'running', 'dead', 'skipped', 'discarded'];
+
+  const state = {
+    filters: {}, before: null, newer: [], nextBefore: null,   // the page of events shown
+    detailId: null, eventsText: null, detailText: null,        // last answers drawn (skip identical redraws)
+    locked: false, running: false, again: false, timer: null, pollFailed: false,
+  };
+
+  const $ = (selector) => document.querySelector(selector);
+
+  // -- small helpers -----------------------------------------------------------
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value !== null && value !== undefined) node.setAttribute(name, String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function utc(seconds) {  // 1764113929.5 -> "2025-11-25 23:38:49Z"
+    if (!seconds) return NONE;  // null, or 0 for "no next attempt"
+    return new Date(seconds * 1000).toISOString().slice(0, 19).replace('T', ' ') + 'Z';
+  }
+
+  function age(seconds) {
+    if (!seconds) return NONE;
+    return seconds < 90 ? Math.round(seconds) + ' s' : seconds < 5400 ? Math.round(seconds / 60) + ' min'
+      : (seconds / 3600).toFixed(1) + ' h';
+  }
+
+  function pretty(body) {
+    try { return JSON.stringify(JSON.parse(body), null, 2); } catch (err) { return String(body); }
+  }
+
+  function preview(body) {  // a message's text, else the JSON on one line
+    let line = String(body);
+    try {
+      const parsed = JSON.parse(body);
+      if (parsed && typeof parsed.body === 'string') line = parsed.body;
+    } catch (err) { /* not JSON: show it as it came */ }
+    line = line.replace(/\s+/g, ' ');
+    return line.length > 90 ? line.slice(0, 90) + '\u2026' : line;
+  }
+
+  function badge(status) {
+    const known = STATUSES.includes(status) ? status : 'other';
+    return el('span', {class: 'badge st-' + known}, status);
+  }
+
+  function setStatus(text) { $('#status').textContent = text; }
+  function notice(text, isError) {
+    $('#notice').textContent = text;
+    $('#notice').classList.toggle('error', Boolean(isError));
+  }
+
+  function storedToken() {
+    try { return sessionStorage.getItem(TOKEN_KEY); } catch (err) { return null; }  // storage disabled
+  }
+
+  // -- the API -----------------------------------------------------------------
+
+  class ApiError extends Error {}  // an HTTP answer other than 2xx: .status, .code, .message
+
+  async function api(method, path) {
+    const headers = {Accept: 'application/json'};
+    const token = storedToken();
+    if (token) headers.Authorization = 'Bearer ' + token;
+    const response = await fetch(path, {method, headers, cache: 'no-store', credentials: 'omit'});
+    const text = await response.text();
+    let data = null;
+    try { data = JSON.parse(text); } catch (err) { /* not JSON: reported below if not ok */ }
+    if (!response.ok) {
+      const code = data && data.error ? data.error : 'http_' + response.status;
+      const message = data && data.message ? data.message : text.slice(0, 200);
+      const err = new ApiError(method + ' ' + path + ': ' + response.status + ' ' + code +
+                               (message ? ' (' + message + ')' : ''));
+      throw Object.assign(err, {status: response.status, code});
+    }
+    return {data, text};
+  }
+
+  // -- polling -----------------------------------------------------------------
+
+  async function refresh() {
+    if (state.locked) return;
+    if (state.running) { state.again = true; return; }   // one round at a time; run once more after it
+    state.running = true;
+    clearTimeout(state.timer);
+    try {
+      do {
+        state.again = false;
+        await Promise.all([loadStats(), loadEvents(), loadDetail()]);
+      } while (state.again);
+      $('#app').hidden = false;
+      $('#forget-token').hidden = !storedToken();
+      if (state.pollFailed) { state.pollFailed = false; notice(''); }
+      setStatus('updated ' + utc(Date.now() / 1000));
+    } catch (err) {
+      failed(err);
+    } finally {
+      state.running = false;
+      clearTimeout(state.timer);
+      if (!state.locked && !document.hidden) state.timer = setTimeout(refresh, POLL_MS);
+    }
+  }
+
+  function failed(err) {
+    if (err instanceof ApiError && err.status === 401) return askForToken(null);
+    state.pollFailed = true;
+    if (err instanceof ApiError) return notice(err.message, true);
+    setStatus('cannot reach the server; retrying');  // fetch rejects only on network errors
+  }
+
+  async function loadStats() { renderStats((await api('GET', '/api/stats')).data); }
+
+  function eventsPath() {
+    const params = new URLSearchParams();
+    for (const name of ['type', 'bridge', 'status']) {
+      if (state.filters[name]) params.set(name, state.filters[name]);
+    }
+    if (state.before !== null) params.set('before', state.before);
+    params.set('limit', PAGE_SIZE);
+    return '/api/events?' + params.toString();
+  }
+
+  async function loadEvents() {
+    const path = eventsPath();
+    const {data, text} = await api('GET', path);
+    if (path !== eventsPath()) { state.again = true; return; }   // filters changed meanwhile
+    state.nextBefore = data.next_before;
+    updatePager();
+    if (text === state.eventsText) return;
+    state.eventsText = text;
+    renderEvents(data.events);
+  }
+
+  async function loadDetail() {
+    const id = state.detailId;
+    if (id === null) return;
+    let answer;
+    try {
+      answer = await api('GET', '/api/events/' + id);
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.status !== 404) throw err;
+      closeDetail();
+      return notice('event #' + id + ' is no longer in the inbox', true);
+    }
+    if (id !== state.detailId || answer.text === state.detailText) return;
+    state.detailText = answer.text;
+    renderDetail(answer.data);
+  }
+
+  // -- drawing -----------------------------------------------------------------
+
+  function renderStats(stats) {
+    const counts = stats.events || {};
+    $('#count-received').textContent = stats.received;
+    $('#count-pending').textContent = counts.pending || 0;
+    $('#count-dead').textContent = counts.dead || 0;
+    $('#count-dead').classList.toggle('alert', (counts.dead || 0) > 0);
+    $('#count-discarded').textContent = counts.discarded || 0;
+    $('#count-per-minute').textContent = Number(stats.per_minute || 0).toFixed(1);
+    $('#count-oldest').textContent = age(stats.oldest_pending_age_seconds);
+    const handlers = stats.handlers || {};
+    const rows = Object.keys(handlers).sort().map((name) => el('tr', {'data-handler': name},
+      el('th', {scope: 'row'}, name),
+      ...HANDLER_COLUMNS.map((column) => el('td', {'data-count': column}, handlers[name][column] || 0))));
+    $('#handlers tbody').replaceChildren(...rows);
+  }
+
+  function actionButtons(event) {
+    if (event.status !== 'dead') return [];
+    return ['replay', 'discard'].map((action) => el('button', {
+      type: 'button', 'data-action': action, 'data-id': event.id, class: action,
+      'aria-label': (action === 'replay' ? 'Replay' : 'Discard') + ' event ' + event.id,
+    }, action === 'replay' ? 'Replay' : 'Discard'));
+  }
+
+  function handlersSummary(deliveries) {
+    if (!deliveries || deliveries.length === 0) return 'no handler';
+    const list = el('span', {class: 'deliveries'});
+    for (const delivery of deliveries) {
+      const known = STATUSES.includes(delivery.status) ? delivery.status : 'other';
+      list.appendChild(el('span', {class: 'delivery st-' + known, title: delivery.last_error || null},
+        delivery.handler + ' ' + delivery.status + (delivery.attempts > 1 ? ' \u00d7' + delivery.attempts : '')));
+    }
+    return list;
+  }
+
+  function renderEvents(events) {
+    const rows = events.map((event) => el('tr', {'data-id': event.id, 'data-status': event.status},
+      el('td', {}, el('button', {type: 'button', class: 'link', 'data-action': 'open', 'data-id': event.id,
+                                 'aria-label': 'Show event ' + event.id}, '#' + event.id)),
+      el('td', {class: 'time'}, utc(event.received_at)),
+      el('td', {}, event.bridge === null ? '(default)' : event.bridge),
+      el('td', {}, event.event),
+      el('td', {}, badge(event.status)),
+      el('td', {}, handlersSummary(event.deliveries)),
+      el('td', {class: 'preview'}, preview(event.body)),
+      el('td', {class: 'actions'}, ...actionButtons(event))));
+    $('#events tbody').replaceChildren(...rows);
+    markSelected();
+    $('#events-empty').hidden = rows.length > 0;
+  }
+
+  function renderDetail(event) {
+    const panel = $('#detail');
+    const opened = panel.hidden || panel.getAttribute('data-id') !== String(event.id);
+    panel.hidden = false;
+    panel.setAttribute('data-id', event.id);
+    panel.setAttribute('data-status', event.status);
+    $('#detail-title').textContent = 'Event #' + event.id;
+    const meta = [['received', utc(event.received_at)], ['bridge', event.bridge === null ? '(default)' : event.bridge],
+                  ['event', event.event], ['status', badge(event.status)]];
+    $('#detail-meta').replaceChildren(...meta.map(([name, value]) => el('div', {}, el('dt', {}, name),
+                                                                         el('dd', {}, value))));
+    $('#detail-actions').replaceChildren(...actionButtons(event));
+    $('#detail-body').textContent = pretty(event.body);
+    const rows = (event.deliveries || []).map((delivery) => el('tr',
+      {'data-handler': delivery.handler, 'data-status': delivery.status},
+      el('th', {scope: 'row'}, delivery.handler),
+      el('td', {}, badge(delivery.status)),
+      el('td', {}, delivery.attempts),
+      el('td', {class: 'time'}, utc(delivery.started_at)),
+      el('td', {class: 'time'}, utc(delivery.finished_at)),
+      el('td', {}, delivery.exit_status ?? NONE),
+      el('td', {class: 'time'}, utc(delivery.next_attempt_at)),
+      el('td', {}, delivery.last_error ? el('pre', {class: 'error'}, delivery.last_error) : NONE),
+      el('td', {}, delivery.output ? el('pre', {}, delivery.output) : NONE)));
+    $('#deliveries tbody').replaceChildren(...rows);
+    if (opened) panel.scrollIntoView({block: 'nearest'});
+  }
+
+  function updatePager() {
+    $('#page-older').disabled = state.nextBefore === null || state.nextBefore === undefined;
+    $('#page-newer').disabled = $('#page-latest').disabled = state.before === null;
+  }
+
+  // -- what the user does ------------------------------------------------------
+
+  function askForToken(message) {
+    const hadToken = Boolean(storedToken());
+    state.locked = true;
+    clearTimeout(state.timer);
+    $('#app').hidden = true;
+    $('#forget-token').hidden = true;
+    $('#token-form').hidden = false;
+    $('#token-message').textContent = message || (hadToken
+      ? 'The server refused this token (401). Enter the one given to --token.'
+      : 'The API answered 401: this inbox needs the token given to the server with --token.');
+    setStatus('needs the token');
+    $('#token-input').focus();
+  }
+
+  function unlock(event) {
+    event.preventDefault();
+    const token = $('#token-input').value.trim();
+    if (!token) return;
+    try {
+      sessionStorage.setItem(TOKEN_KEY, token);
+    } catch (err) {
+      return notice('this browser refuses sessionStorage', true);
+    }
+    $('#token-input').value = '';
+    $('#token-form').hidden = true;
+    state.locked = false;
+    state.eventsText = state.detailText = null;
+    setStatus('loading\u2026');
+    refresh();
+  }
+
+  function applyFilters() {
+    state.filters = {type: $('#filter-type').value.trim(), bridge: $('#filter-bridge').value.trim(),
+                     status: $('#filter-status').value};
+    page('latest');
+  }
+
+  function page(direction) {
+    if (direction === 'older' && state.nextBefore !== null) {
+      state.newer.push(state.before);
+      state.before = state.nextBefore;
+    } else if (direction === 'newer') {
+      state.before = state.newer.length ? state.newer.pop() : null;
+    } else if (direction === 'latest') {
+      state.before = null;
+      state.newer = [];
+    }
+    state.eventsText = null;
+    updatePager();
+    refresh();
+  }
+
+  function openDetail(id) {
+    state.detailId = id;
+    state.detailText = null;
+    markSelected();
+    refresh();
+  }
+
+  function closeDetail() {
+    state.detailId = state.detailText = null;
+    $('#detail').hidden = true;
+    markSelected();
+  }
+
+  function markSelected() {
+    for (const row of document.querySelectorAll('#events tbody tr')) {
+      row.classList.toggle('selected', Number(row.dataset.id) === state.detailId);
+    }
+  }
+
+  async function act(action, id, button) {
+    button.disabled = true;
+    try {
+      await api('POST', '/api/events/' + id + '/' + action);
+      notice((action === 'replay' ? 'Replayed' : 'Discarded') + ' event #' + id, false);
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) return askForToken(null);
+      notice(err instanceof ApiError ? err.message : 'cannot reach the server', true);
+    }
+    state.eventsText = state.detailText = null;
+    refresh();
+  }
+
+  function clicked(event) {
+    const button = event.target.closest('button[data-action]');
+    const row = event.target.closest('#events tbody tr[data-id]');
+    if (!button) {
+      if (row && !event.target.closest('a, input, select, pre')) openDetail(Number(row.dataset.id));
+      return;
+    }
+    const action = button.dataset.action;
+    const id = Number(button.dataset.id);
+    if (action === 'open') openDetail(id);
+    else if (action === 'replay' || action === 'discard') act(action, id, button);
+    else if (action === 'close') closeDetail();
+    else if (action === 'older' || action === 'newer' || action === 'latest') page(action);
+    else if (action === 'forget') { sessionStorage.removeItem(TOKEN_KEY); askForToken('Token forgotten.'); }
+    else if (action === 'show-dead') { $('#filter-status').value = 'dead'; applyFilters(); }
+  }
+
+  function start() {
+    $('#token-form').addEventListener('submit', unlock);
+    $('#filters').addEventListener('submit', (event) => { event.preventDefault(); applyFilters(); });
+    $('#filters').addEventListener('change', applyFilters);
+    $('#filters').addEventListener('reset', () => setTimeout(applyFilters, 0));  // fires before the fields clear
+    document.addEventListener('click', clicked);
+    document.addEventListener('visibilitychange', () => (document.hidden ? clearTimeout(state.timer) : refresh()));
+    refresh();
+  }
+
+  start();
+}());
+'''
+# (end of the inbox page's files)
+
+PAGE_FILES = {
+    "/": (PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8"),
+    "/ui.css": (PAGE_CSS.encode("utf-8"), "text/css; charset=utf-8"),
+    "/ui.js": (PAGE_JS.encode("utf-8"), "text/javascript; charset=utf-8"),
+}
+# Event bodies are people's messages: the page runs only its own script (no inline script, no
+# other origin), cannot be framed, and the browser sniffs no other type from these files.
+PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none';"
+                                " base-uri 'none'; form-action 'self'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+)
+API_PAGE_SIZE = 50
+API_MAX_PAGE = 200
+
+
+class InboxAPI:
+    """The JSON API behind the inbox page, usable with curl (README: Reference, Inbox page API).
+
+    GET /api/stats, GET /api/events (filters and paging), GET /api/events/ID,
+    POST /api/events/ID/replay and /discard: the same Inbox calls as the
+    CLI's `events`, `show`, `replay` and `discard`. Runs in a reply thread;
+    refusals are HTTPErrors, answered like any other.
+    """
+
+    def __init__(self, inbox: "Inbox", metrics: Metrics):
+        self.inbox, self.metrics = inbox, metrics
+
+    def answer(self, method: str, path: str, query: str) -> Tuple[int, dict]:
+        parts = path.rstrip("/").split("/")[2:]  # /api/events/7/replay -> events, 7, replay
+        if parts == ["stats"]:
+            return 200, self._read_only(method, self.stats)
+        if parts == ["events"]:
+            return 200, self._read_only(method, lambda: self.events(urllib.parse.parse_qs(query)))
+        if len(parts) in (2, 3) and parts[0] == "events" and re.fullmatch(r"[0-9]{1,18}", parts[1]):
+            event_id = int(parts[1])
+            if len(parts) == 2:
+                return 200, self._read_only(method, lambda: self.event(event_id))
+            if parts[2] in ("replay", "discard"):
+                if method != "POST":
+                    raise MethodNotAllowed("method_not_allowed", "use POST", headers=(("Allow", "POST"),))
+                return 200, self.replay(event_id) if parts[2] == "replay" else self.discard(event_id)
+        raise NotFound("not_found", "no such API path; see the README's reference for /api/")
+
+    @staticmethod
+    def _read_only(method: str, read: Callable[[], dict]) -> dict:
+        if method == "POST":
+            raise MethodNotAllowed("method_not_allowed", "use GET", headers=(("Allow", "GET, HEAD"),))
+        return read()
+
+    def stats(self) -> dict:
+        stats = self.inbox.stats()
+        return {"received": sum(stats["events"].values()), "events": stats["events"],
+                "per_minute": self.metrics.stored_last_minute(), "handlers": stats["deliveries_by_handler"],
+                "oldest_pending_age_seconds": stats["oldest_pending_age_seconds"], "version": __version__}
+
+    def events(self, query: Dict[str, List[str]]) -> dict:
+        def one(name: str) -> Optional[str]:
+            values = query.get(name)
+            return values[-1] if values and values[-1] != "" else None
+
+        status, limit, before = one("status"), one("limit"), one("before")
+        if status is not None and status not in EVENT_STATUSES:
+            raise BadRequest("bad_query", "status is one of " + ", ".join(EVENT_STATUSES))
+        for name, value in (("limit", limit), ("before", before)):
+            if value is not None and not re.fullmatch(r"[0-9]{1,18}", value):
+                raise BadRequest("bad_query", "%s is a whole number" % name)
+        size = min(max(int(limit), 1), API_MAX_PAGE) if limit else API_PAGE_SIZE
+        events = self.inbox.list_events(status, size + 1, one("type"), one("bridge"),
+                                        int(before) if before else None)
+        return {"events": events[:size], "next_before": events[size - 1]["id"] if len(events) > size else None}
+
+    def event(self, event_id: int) -> dict:
+        event = self.inbox.event_detail(event_id)
+        if event is None:
+            raise NotFound("not_found", "no event %d in the inbox" % event_id)
+        return event
+
+    def replay(self, event_id: int) -> dict:
+        if not self.inbox.replay([event_id]):
+            raise NotFound("not_found", "no event %d in the inbox" % event_id)
+        return {"replayed": [event_id]}
+
+    def discard(self, event_id: int) -> dict:
+        before = self.inbox.discard([event_id])
+        if event_id not in before:
+            raise NotFound("not_found", "no event %d in the inbox" % event_id)
+        if before[event_id] != "dead":
+            raise Conflict("not_dead", "event %d is %s, not dead: only dead letters are discarded"
+                           % (event_id, before[event_id]))
+        return {"discarded": [event_id]}
 
 
 # ---------------------------------------------------------------------------
@@ -3364,6 +4072,9 @@ class Server:
         self.registry = Registry(config.handlers, config.script_timeout, script_environment(config, os.environ),
                                  self.log)
         self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log)
+        self.api = InboxAPI(self.inbox, self.metrics)
+        # Event bodies are private messages: without a token only this machine may see them.
+        self.serves_page = not config.no_ui and (bool(config.token) or is_loopback(config.host))
         self.front: Optional[HTTPFront] = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -3398,6 +4109,12 @@ class Server:
         if not config.token and not is_loopback(config.host):
             self.log.warning("no --token set while listening on %s: anyone who can reach this port can post"
                              " events; set --token and put ?token=... in the webhook URL", config.host)
+        if self.serves_page:
+            self.log.info("inbox page: %s/%s", self.url[:len(self.url) - len(config.path)],
+                          " (it asks for the --token)" if config.token else "")
+        elif not config.no_ui:
+            self.log.info("the inbox page is off: it shows private messages, so it is served only with a"
+                          " --token or on a loopback --host (127.0.0.1); --no-ui silences this line")
         return self
 
     def _raise_descriptor_limit(self) -> None:
@@ -3935,9 +4652,6 @@ def _send_arguments(parser: argparse.ArgumentParser) -> None:
 def _samples_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("event", nargs="?", choices=EVENT_TYPES, metavar="EVENT",
                         help="print this one, indented (default: all 11, one per line)")
-
-
-EVENT_STATUSES = ("pending", "done", "dead", "discarded", "skipped")
 
 
 def _events_arguments(parser: argparse.ArgumentParser) -> None:

@@ -85,6 +85,7 @@ OPTION_CASES = {
     "log_format": ("json", "json", "text", "text"),
     "log_level": ("warning", "warning", "debug", "debug"),
     "access_log": ("true", True, True, True),
+    "no_ui": ("1", True, True, True),
 }
 
 

@@ -225,7 +225,7 @@ class StatusCodeTest(HttpTestCase):
 
     def test_unknown_paths_are_404_not_found(self):
         server = self.start_server()
-        for path in ("/", "/hooks", "/hook2", "/Hook", "/api/hook", "/healthz/x", "/favicon.ico"):
+        for path in ("/x", "/hooks", "/hook2", "/Hook", "/api/hook", "/healthz/x", "/favicon.ico"):
             with self.subTest(path=path):
                 mark = self.mark()
                 self.assertRejected(self.request(server, "POST", path, EVENT), 404, "not_found", mark)
