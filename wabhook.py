@@ -95,6 +95,7 @@ EVENT_TYPES = (
 )
 ALL_EVENTS = "all"  # handler prefix that receives every event, unknown types included
 KNOWN_PREFIXES = EVENT_TYPES + (ALL_EVENTS,)
+FORWARD_SUFFIX = ".forward"  # `<event>[.<label>].forward`: a handler that POSTs the event on (see ForwardHandler)
 SCRIPT_EVENT_VARIABLES = ("WABHOOK_EVENT", "WABHOOK_ID", "WABHOOK_BRIDGE")  # what a script is told of its event
 
 BRIDGE_LABEL = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -666,6 +667,11 @@ DDL_INDEXES = (
 # - WALKED_LANE_HEADS walks the distinct lanes, one index seek each: cheap
 #   when a few chats hold a deep backlog whose front lanes are running.
 HEAD_SCAN_ROWS = 256
+# A delivery of an order-holding handler (see holds_chat) is not due while an earlier event of its
+# chat waits for that same handler. Appended to the claim's "due" condition on `deliveries`.
+NOT_HELD = """ AND NOT (handler LIKE '%%%s' AND EXISTS (
+    SELECT 1 FROM deliveries AS earlier WHERE earlier.status = 'pending' AND earlier.lane = deliveries.lane
+    AND earlier.event_id < deliveries.event_id AND earlier.handler = deliveries.handler))""" % FORWARD_SUFFIX
 DUE_LANE_HEADS = """
 SELECT lane, MIN(event_id) FROM deliveries
 WHERE status = 'pending' AND next_attempt_at <= :now
@@ -1050,14 +1056,19 @@ class Inbox:
             # events' rows up by their key, not by an index on status that would walk
             # the whole backlog.
             marks = ",".join("?" * len(heads))
+            due = " AND +status = 'pending' AND +next_attempt_at <= ?" + NOT_HELD
             attempts: Dict[int, Dict[str, int]] = {event_id: {} for event_id in heads}
             for event_id, handler, count in db.execute(
-                    "SELECT event_id, handler, attempts FROM deliveries WHERE event_id IN (%s)"
-                    " AND +status = 'pending' AND +next_attempt_at <= ?" % marks, heads + [now]):
+                    "SELECT event_id, handler, attempts FROM deliveries WHERE event_id IN (%s)" % marks + due,
+                    heads + [now]):
                 attempts[event_id][handler] = count + 1
+            heads = [event_id for event_id in heads if attempts[event_id]]  # all of it held: nothing to run
+            if not heads:
+                return []
+            marks = ",".join("?" * len(heads))
             db.execute("UPDATE deliveries SET status = 'running', attempts = attempts + 1,"
                        " lease_owner = ?, lease_until = ?, updated_at = ?, started_at = ?"
-                       " WHERE event_id IN (%s) AND +status = 'pending' AND +next_attempt_at <= ?" % marks,
+                       " WHERE event_id IN (%s)" % marks + due,
                        [owner, now + LEASE_SECONDS, now, now] + heads + [now])
             events = {row[0]: row[1:] for row in db.execute(
                 "SELECT id, event, bridge, body, received_at FROM events WHERE id IN (%s)" % marks, heads)}
@@ -1069,12 +1080,16 @@ class Inbox:
     def _claimable_heads(db, now: float, limit: int) -> List[int]:
         """The event ids to claim: the heads of up to `limit` idle lanes, oldest first."""
         running = {lane for (lane,) in db.execute("SELECT DISTINCT lane FROM deliveries WHERE status = 'running'")}
-        front = db.execute("SELECT lane, event_id, next_attempt_at FROM deliveries WHERE status = 'pending'"
+        front = db.execute("SELECT lane, event_id, next_attempt_at, handler FROM deliveries WHERE status = 'pending'"
                            " ORDER BY event_id LIMIT ?", (HEAD_SCAN_ROWS,))
         heads: Dict[str, int] = {}
+        held = set()  # (lane, handler) of order-holding handlers whose earlier delivery waits for a retry
         due = seen = 0
-        for lane, event_id, next_attempt_at in front:  # row by row: it usually stops after a few
+        for lane, event_id, next_attempt_at, handler in front:  # row by row: it usually stops after a few
             seen += 1
+            if holds_chat(handler) and (next_attempt_at > now or (lane, handler) in held):
+                held.add((lane, handler))
+                continue
             if next_attempt_at > now:
                 continue
             due += 1
@@ -1420,6 +1435,17 @@ def is_handler_file(filename: str, mode: int) -> bool:
     if not is_candidate(filename):
         return False
     return filename.endswith(".py") or _is_executable(mode) or handler_event(filename) in KNOWN_PREFIXES
+
+
+def holds_chat(name: str) -> bool:
+    """Whether the handler keeps its chat's order across retries: the chat's next event waits for it
+    until this one succeeds (or is dead-lettered).
+
+    Forwarders do: what they feed (a stream, another service) sees each chat in
+    order. Other handlers do not (SPEC: a retry does not hold up the chat); at
+    most one event of a chat runs at a time either way.
+    """
+    return name.endswith(FORWARD_SUFFIX)
 
 
 def script_problem(name: str, path: str) -> Optional[str]:

@@ -4,6 +4,7 @@ under concurrency, the one write path (batches, a failing piece of work, close),
 two processes sharing one file, and acknowledged events surviving SIGKILL.
 """
 
+import contextlib
 import http.client
 import json
 import os
@@ -142,6 +143,33 @@ class InboxFileTest(WabhookTestCase):
             body = self.query("SELECT body FROM events WHERE id = ?", (results[n][0],))[0][0]
             self.assertEqual(json.loads(body)["message_id"], "m%d" % n)
         self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(11,)])
+
+    def test_a_forwarder_holds_its_chat_until_the_earlier_event_succeeds_other_handlers_do_not(self):
+        inbox = self.open_inbox()
+        owner = "test:%d:order" % os.getpid()
+        handlers_for = lambda event_type: ["message.forward", "message.py"]  # noqa: E731
+        first, second = (self.commit(inbox, message(n), key=n, lane="chat-x")[0] for n in ("one", "two"))
+        [claim] = inbox.claim_due(owner, 10, handlers_for)
+        self.assertEqual(claim.event_id, first)
+        for handler in claim.handlers:  # both fail: retried in a minute
+            inbox.record_outcome(first, handler, owner, "pending", "down", retry_at=time.time() + 60)
+        other = self.commit(inbox, message("three"), key="three", lane="chat-y")[0]
+        claims = {c.event_id: c.handlers for c in inbox.claim_due(owner, 10, handlers_for)}
+        # The chat's next event runs message.py (a retry does not hold up the chat), not the forwarder.
+        self.assertEqual(claims, {second: ["message.py"], other: ["message.forward", "message.py"]})
+        for event_id, handlers in claims.items():
+            for handler in handlers:
+                inbox.record_outcome(event_id, handler, owner, "done")
+        self.assertEqual(inbox.claim_due(owner, 10, handlers_for), [])  # still held, not claimed empty
+        # Once the first event's forward succeeds, the second one's goes.
+        with contextlib.closing(sqlite3.connect(self.db, timeout=5)) as connection, connection:  # the minute passes
+            connection.execute("UPDATE deliveries SET next_attempt_at = 0 WHERE event_id = ?", (first,))
+        [claim] = inbox.claim_due(owner, 10, handlers_for)
+        self.assertEqual((claim.event_id, claim.handlers), (first, ["message.forward", "message.py"]))
+        for handler in claim.handlers:
+            inbox.record_outcome(first, handler, owner, "done")
+        [claim] = inbox.claim_due(owner, 10, handlers_for)
+        self.assertEqual((claim.event_id, claim.handlers), (second, ["message.forward"]))
 
     def test_prune_removes_old_delivered_events_and_expired_keys_but_keeps_dead_and_pending(self):
         inbox = self.open_inbox()
