@@ -2084,6 +2084,7 @@ class Dispatcher:
                                        " it to come back", self.registry.folder)
                     folder_missing = True
                 elif self._wants_claims() or now - last_fan_out >= IDLE_POLL_SECONDS:
+                    self.registry.names()  # a listing, at most every RESCAN_SECONDS: drops are seen (and logged)
                     if folder_missing:
                         self.log.info("the handlers folder %s is back; dispatching resumes", self.registry.folder)
                     folder_missing = False

@@ -677,6 +677,12 @@ class OneDefinitionTest(HandlersTestCase):
         self.write_handler("typing.py", "def handle(event):\n    pass\n")
         self.wait_status(self.post_ok(server, {"event": "typing", "chat_id": "c9"}), "done")
         self.assertIn("loaded handler typing.py", self.log.messages())
+        path = self.write_handler("typing.py", "def handle(event):\n    return None\n")
+        self.wait_status(self.post_ok(server, {"event": "typing", "chat_id": "c10"}), "done")
+        self.assertIn("reloaded handler typing.py", self.log.messages())
+        os.remove(path)
+        wait_until(lambda: any(m.startswith("dropped handler typing.py") for m in self.log.messages()),
+                   message="the drop logged")
 
 
 class BodyParameterTest(HandlersTestCase):
