@@ -80,21 +80,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 __version__ = "0.1.0"
 
-EVENT_TYPES = (
-    "message",
-    "connected",
-    "disconnected",
-    "typing",
-    "poll_vote",
-    "event_response",
-    "call_incoming",
-    "call_terminated",
-    "offline_sync_preview",
-    "offline_sync_completed",
-    "profile_picture_updated",
-)
 ALL_EVENTS = "all"  # handler prefix that receives every event, unknown types included
-KNOWN_PREFIXES = EVENT_TYPES + (ALL_EVENTS,)
 FORWARD_SUFFIX = ".forward"  # `<event>[.<label>].forward`: a handler that POSTs the event on (see ForwardHandler)
 SCRIPT_EVENT_VARIABLES = ("WABHOOK_EVENT", "WABHOOK_ID", "WABHOOK_BRIDGE")  # what a script is told of its event
 
@@ -143,37 +129,6 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
 
 class ConfigError(Exception):
     """A setting has a value wabhook cannot use; the message says what is allowed."""
-
-
-@dataclass(frozen=True)
-class Config:
-    """Every setting of one run, after flags, environment and defaults."""
-
-    host: str = "0.0.0.0"
-    port: int = 3000
-    path: str = "/hook"
-    db: str = "./wabhook.db"
-    handlers: str = "./handlers"
-    workers: int = 8
-    retries: int = 5
-    retry_delay: float = 5.0
-    script_timeout: float = 60.0
-    script_env: Tuple[str, ...] = ()
-    shutdown_timeout: float = 10.0
-    timeout: float = 30.0
-    max_connections: int = 1000
-    max_body: int = 1024 * 1024
-    max_inflight: int = 64 * 1024 * 1024
-    retention: float = 7 * 86400.0
-    dedup_window: float = 0.0
-    token: Optional[str] = None
-    secret: Optional[str] = None
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
-    log_format: str = "text"
-    log_level: str = "info"
-    access_log: bool = False
-    no_ui: bool = False
 
 
 def env_name(option_name: str) -> str:
@@ -276,6 +231,45 @@ def _convert_option(option: Option, value):
     if value is None:
         return None
     return str(value) or None if kind == "secret" else str(value)
+
+
+OPTION_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def _default(name: str):
+    """An option's default as Config holds it: its OPTIONS row's, converted as a flag's value is."""
+    return _convert_option(OPTION_BY_NAME[name], OPTION_BY_NAME[name].default)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one run, after flags, environment and defaults (written once: in OPTIONS)."""
+
+    host: str = _default("host")
+    port: int = _default("port")
+    path: str = _default("path")
+    db: str = _default("db")
+    handlers: str = _default("handlers")
+    workers: int = _default("workers")
+    retries: int = _default("retries")
+    retry_delay: float = _default("retry_delay")
+    script_timeout: float = _default("script_timeout")
+    script_env: Tuple[str, ...] = _default("script_env")
+    shutdown_timeout: float = _default("shutdown_timeout")
+    timeout: float = _default("timeout")
+    max_connections: int = _default("max_connections")
+    max_body: int = _default("max_body")
+    max_inflight: int = _default("max_inflight")
+    retention: float = _default("retention")
+    dedup_window: float = _default("dedup_window")
+    token: Optional[str] = _default("token")
+    secret: Optional[str] = _default("secret")
+    tls_cert: Optional[str] = _default("tls_cert")
+    tls_key: Optional[str] = _default("tls_key")
+    log_format: str = _default("log_format")
+    log_level: str = _default("log_level")
+    access_log: bool = _default("access_log")
+    no_ui: bool = _default("no_ui")
 
 
 def build_config(flags: Dict[str, object], environ: Dict[str, str]) -> Config:
@@ -454,6 +448,7 @@ class UnknownEvent(Event):
     """An event type this version does not know; read its fields from `raw`."""
 
 
+# The one table of event types: the sender's type name -> the class a handler gets.
 EVENT_CLASSES = {
     "message": MessageEvent,
     "connected": ConnectedEvent,
@@ -467,6 +462,8 @@ EVENT_CLASSES = {
     "offline_sync_completed": OfflineSyncCompletedEvent,
     "profile_picture_updated": ProfilePictureUpdatedEvent,
 }
+EVENT_TYPES = tuple(EVENT_CLASSES)  # the 11 the sender documents, in its order
+KNOWN_PREFIXES = EVENT_TYPES + (ALL_EVENTS,)  # what a handler's name may start with
 BASE_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
 EMPTY_VALUES = {str: "", int: 0, bool: False, list: ()}
 
