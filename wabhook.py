@@ -498,26 +498,26 @@ SAMPLES = {
 }
 
 
-def coerce_field(value, kind):
-    """`value` as `kind` when the conversion is unambiguous, else `value` unchanged.
+def coerce_field(value, field_type):
+    """`value` as `field_type` when the conversion is unambiguous, else `value` unchanged.
 
-    None becomes the kind's empty value; "123" becomes 123 for an int field;
+    None becomes the field_type's empty value; "123" becomes 123 for an int field;
     "true"/"false" and 0/1 become booleans; numbers become strings for a str
     field (ids sometimes arrive as numbers). Anything else is kept raw.
     """
     if value is None:
-        return list(EMPTY_VALUES[kind]) if kind is list else EMPTY_VALUES[kind]
-    if kind is str:
+        return list(EMPTY_VALUES[field_type]) if field_type is list else EMPTY_VALUES[field_type]
+    if field_type is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         return value
-    if kind is bool:
+    if field_type is bool:
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
         if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
             return bool(value)
         return value
-    if kind is int:
+    if field_type is int:
         if isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -537,7 +537,7 @@ def parse_event(raw: dict, bridge: Optional[str] = None, event_id: Optional[int]
                 received_at: float = 0.0) -> Event:
     """The typed event for a JSON object. Lenient: never raises for a dict with an `event`."""
     cls = event_class(raw.get("event", ""))
-    values = {name: coerce_field(raw.get(name), kind) for name, kind in _payload_fields(cls)}
+    values = {name: coerce_field(raw.get(name), field_type) for name, field_type in _payload_fields(cls)}
     return cls(event=raw.get("event", ""), bridge=bridge, id=event_id, received_at=received_at,
                raw=raw, **values)
 
@@ -564,14 +564,14 @@ def identity_key(raw: dict, bridge: Optional[str]) -> Optional[str]:
     An event missing the id part of its identity has none: two such events
     cannot be told apart, so neither is dropped.
     """
-    kind = raw.get("event")
-    if kind in ("message", "poll_vote", "event_response"):
+    event_type = raw.get("event")
+    if event_type in ("message", "poll_vote", "event_response"):
         parts = [_text(raw.get("chat_id")), _text(raw.get("message_id"))]
         required = parts[1]
-    elif kind in ("call_incoming", "call_terminated"):
+    elif event_type in ("call_incoming", "call_terminated"):
         parts = [_text(raw.get("call_id"))]
         required = parts[0]
-    elif kind == "profile_picture_updated":
+    elif event_type == "profile_picture_updated":
         remove = raw.get("remove")
         parts = [_text(raw.get("picture_id")), json.dumps(remove if isinstance(remove, (bool, int, float, str))
                                                             else None), _text(raw.get("timestamp"))]
@@ -580,7 +580,7 @@ def identity_key(raw: dict, bridge: Optional[str]) -> Optional[str]:
         return None
     if not required:
         return None
-    return json.dumps([bridge or "", kind] + parts, separators=(",", ":"))
+    return json.dumps([bridge or "", event_type] + parts, separators=(",", ":"))
 
 
 def lane_of(raw: dict, bridge: Optional[str]) -> str:
@@ -832,9 +832,9 @@ class Inbox:
                 raise InboxUnavailable("%s was written by a newer wabhook (schema %d)" % (self.path, version))
             for ddl in (DDL_EVENTS, DDL_DELIVERIES, DDL_DEDUP) + DDL_INDEXES:
                 db.execute(ddl)
-            for table, column, kind in ADDED_COLUMNS:
+            for table, column, sql_type in ADDED_COLUMNS:
                 if column not in {row[1] for row in db.execute("PRAGMA table_info(%s)" % table)}:
-                    db.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, kind))
+                    db.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, sql_type))
             db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
         self._write(migrate)
 
@@ -1489,7 +1489,7 @@ def _is_executable(mode: int) -> bool:
 class PythonHandler:
     """A `<event>[.<label>].py` file defining handle(event); runs in a worker thread."""
 
-    kind = "python"
+    form = "python"  # what kind of handler (python, script, forward): only a Python run cannot be killed
 
     def __init__(self, name: str, path: str, signature, module: types.ModuleType, timeout: float):
         self.name, self.path, self.signature, self.module, self.timeout = name, path, signature, module, timeout
@@ -1539,7 +1539,7 @@ class PythonHandler:
 class ScriptHandler:
     """An executable `<event>[.<label>][.ext]` file: event JSON on stdin, exit 0 is success."""
 
-    kind = "script"
+    form = "script"
 
     def __init__(self, name: str, path: str, signature, timeout: float, processes: set, environment: dict):
         self.name, self.path, self.signature, self.timeout = name, path, signature, timeout
@@ -1755,7 +1755,7 @@ class Registry:
             module_file = getattr(module, "__file__", None) or ""
             if module_file and os.path.dirname(os.path.abspath(module_file)) == self.folder:
                 del sys.modules[module_name]
-        self._loaded = {name: h for name, h in self._loaded.items() if h.kind != "python"}
+        self._loaded = {name: h for name, h in self._loaded.items() if h.form != "python"}
 
     def folder_missing(self, within: float = 0.0) -> bool:
         """Whether the handlers folder is gone, as seen at most `within` seconds ago."""
@@ -1992,10 +1992,10 @@ def _owner_is_dead(owner: str) -> bool:
 class _Run:
     """What one worker thread is running now; the watchdog may abandon it."""
 
-    __slots__ = ("claim", "handler", "kind", "started", "abandoned", "output", "exit_status")
+    __slots__ = ("claim", "handler", "form", "started", "abandoned", "output", "exit_status")
 
     def __init__(self, claim: Claim, handler: str):
-        self.claim, self.handler, self.kind = claim, handler, None
+        self.claim, self.handler, self.form = claim, handler, None
         self.started, self.abandoned = time.monotonic(), False
         self.output: List[str] = []  # what the run printed
         self.exit_status: Optional[int] = None
@@ -2132,7 +2132,7 @@ class Dispatcher:
         overdue = []
         with self._idle:
             for worker_id, run in list(self._runs.items()):
-                if run.kind == "python" and not run.abandoned and time.monotonic() - run.started > limit:
+                if run.form == "python" and not run.abandoned and time.monotonic() - run.started > limit:
                     run.abandoned = True
                     del self._runs[worker_id]
                     self._busy -= 1
@@ -2209,7 +2209,7 @@ class Dispatcher:
         try:
             with self._attributed(run.handler, claim.event_id, run.output):  # its prints while loading count too
                 handler = self.registry.get(run.handler)
-                run.kind = handler.kind
+                run.form = handler.form
                 event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id, claim.received_at)
                 result = handler.run(event, claim.body, self.log)
             if result is not None:  # a script: its exit status and output
@@ -3345,9 +3345,9 @@ class Metrics:
     def render(self, gauges: Dict[str, int]) -> str:
         out = []
 
-        def family(name, kind, help_text):
+        def family(name, metric_type, help_text):
             out.append("# HELP %s %s" % (name, help_text))
-            out.append("# TYPE %s %s" % (name, kind))
+            out.append("# TYPE %s %s" % (name, metric_type))
 
         with self._lock:
             family("wabhook_info", "gauge", "Version of this wabhook.")
