@@ -3040,24 +3040,16 @@ class HTTPFront:
 
     def _route(self, connection: _Connection, request: Request) -> None:
         app, config, path = self.app, self.config, request.path
-        if path in ("/healthz", "/metrics"):
-            self._require_method(request, "GET", "HEAD")
-            if path == "/metrics":
+        endpoint = app.operator.endpoint(path)  # /healthz, /metrics, the page, /api/ (section 7)
+        if endpoint is not None:
+            self._require_method(request, *endpoint.methods)
+            if endpoint.token:
                 self._require_token(request)
-            self._answer_in_thread(connection, app.health if path == "/healthz" else self._metrics_reply)
-            return
-        if path in PAGE_FILES or path == "/api" or path.startswith("/api/"):
-            if not app.serves_page:
-                raise NotFound("not_found", "no such path; the inbox page is off (see the start-up log)")
-            if path in PAGE_FILES:  # no data in these: served without the token, so the page can ask for it
-                self._require_method(request, "GET", "HEAD")
-                body, content_type = PAGE_FILES[path]
-                self._answer(connection, 200, body, content_type, PAGE_HEADERS)
-                return
-            self._require_method(request, "GET", "HEAD", "POST")
-            self._require_token(request)
-            self._answer_in_thread(connection, functools.partial(app.api.answer, request.method, path,
-                                                                 request.query))
+            if endpoint.static is not None:
+                self._answer(connection, 200, *endpoint.static)
+            else:
+                self._answer_in_thread(connection, functools.partial(endpoint.answer, request.method, path,
+                                                                     request.query))
             return
         prefix = config.path.rstrip("/")
         if path != config.path and not path.startswith(prefix + "/"):
@@ -3165,9 +3157,6 @@ class HTTPFront:
     def _refuse_and_go_on(self, connection: _Connection, exc: HTTPError) -> None:
         self._refuse(connection, exc)
         self._advance(connection)
-
-    def _metrics_reply(self) -> Tuple[int, bytes, str]:
-        return 200, self.app.metrics_text().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
 
     def _answer_in_thread(self, connection: _Connection, make_reply: Callable[[], tuple]) -> None:
         """Answer from a thread of its own: the reply may wait for the inbox, the front may not."""
@@ -4034,6 +4023,75 @@ class InboxAPI:
         return {"discarded": [event_id]}
 
 
+Endpoint = namedtuple("Endpoint", "methods token static answer")
+Endpoint.__doc__ = """One operator path: the methods it takes, whether it wants --token, and either
+`static` (body, content type, headers) or answer(method, path, query) -> (status, payload) or
+(status, body, content type), run in a reply thread of its own (it may wait for the inbox)."""
+
+
+class Operator:
+    """What operators ask the server, besides events: /healthz, /metrics, the inbox page and /api/.
+
+    The HTTP front (section 6) asks endpoint(path) for every request and
+    leaves method, token and threading to the Endpoint it gets back.
+    """
+
+    def __init__(self, server: "Server"):
+        self.server = server
+        config = server.config
+        # Event bodies are private messages: without a token only this machine may see them.
+        self.serves_page = not config.no_ui and (bool(config.token) or is_loopback(config.host))
+        self.api = InboxAPI(server.inbox, server.metrics)
+        self._endpoints = {
+            "/healthz": Endpoint(("GET", "HEAD"), False, None, lambda *_request: self.health()),
+            "/metrics": Endpoint(("GET", "HEAD"), True, None, lambda *_request: self.metrics()),
+        }
+        if self.serves_page:  # the page's files hold no data: no token, so the page can ask for it
+            for path, (body, content_type) in PAGE_FILES.items():
+                self._endpoints[path] = Endpoint(("GET", "HEAD"), False, (body, content_type, PAGE_HEADERS), None)
+        self._api = Endpoint(("GET", "HEAD", "POST"), True, None, self.api.answer)
+
+    def endpoint(self, path: str) -> Optional[Endpoint]:
+        """The operator endpoint at `path`, or None (the path is the hook's, or unknown)."""
+        found = self._endpoints.get(path)
+        if found is None and self.serves_page and (path == "/api" or path.startswith("/api/")):
+            return self._api
+        return found
+
+    def health(self) -> Tuple[int, dict]:
+        """GET /healthz: 200 when events are stored and delivered, else 503 saying why."""
+        server = self.server
+        payload = {"status": "ok", "version": __version__,
+                   "uptime_seconds": round(time.time() - server.started_at, 3)}
+        if server.registry.folder_missing():
+            payload.update(status="unavailable", error="the handlers folder is missing")
+            return 503, payload
+        try:
+            server.inbox.check_writable()
+            payload.update(server.inbox.counts(("pending", "dead")))
+            payload["handlers"] = len(server.registry.names())
+            payload["running"] = server.dispatcher.busy
+            # A run ends by --script-timeout; one still "running" a lease later holds its chat up.
+            payload["stuck"] = server.inbox.stuck_deliveries(server.config.script_timeout + LEASE_SECONDS)
+            if payload["stuck"]:
+                payload.update(status="stuck", error="deliveries have been running for longer than"
+                                                     " --script-timeout: their chats do not move")
+                return 503, payload
+            return 200, payload
+        except InboxUnavailable as exc:
+            server.log.error("health check: %s", exc)
+            payload.update(status="unavailable", error="the inbox is not writable")
+            return 503, payload
+
+    def metrics(self) -> Tuple[int, bytes, str]:
+        """GET /metrics: this process's counters and the inbox's gauges, in the Prometheus text format."""
+        try:
+            gauges = self.server.inbox.counts(("pending", "dead"))
+        except InboxUnavailable:
+            gauges = {}
+        return 200, self.server.metrics.render(gauges).encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
+
+
 # ---------------------------------------------------------------------------
 # 8. Server lifecycle
 # ---------------------------------------------------------------------------
@@ -4096,9 +4154,7 @@ class Server:
         self.registry = Registry(config.handlers, config.script_timeout, script_environment(config, os.environ),
                                  self.log)
         self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log)
-        self.api = InboxAPI(self.inbox, self.metrics)
-        # Event bodies are private messages: without a token only this machine may see them.
-        self.serves_page = not config.no_ui and (bool(config.token) or is_loopback(config.host))
+        self.operator = Operator(self)
         self.front: Optional[HTTPFront] = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -4133,7 +4189,7 @@ class Server:
         if not config.token and not is_loopback(config.host):
             self.log.warning("no --token set while listening on %s: anyone who can reach this port can post"
                              " events; set --token and put ?token=... in the webhook URL", config.host)
-        if self.serves_page:
+        if self.operator.serves_page:
             self.log.info("inbox page: %s/%s", self.url[:len(self.url) - len(config.path)],
                           " (it asks for the --token)" if config.token else "")
         elif not config.no_ui:
@@ -4239,35 +4295,6 @@ class Server:
         if not result[1]:
             self.dispatcher.wake()
         return None
-
-    def health(self) -> Tuple[int, dict]:
-        payload = {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - self.started_at, 3)}
-        if self.registry.folder_missing():
-            payload.update(status="unavailable", error="the handlers folder is missing")
-            return 503, payload
-        try:
-            self.inbox.check_writable()
-            payload.update(self.inbox.counts(("pending", "dead")))
-            payload["handlers"] = len(self.registry.names())
-            payload["running"] = self.dispatcher.busy
-            # A run ends by --script-timeout; one still "running" a lease later holds its chat up.
-            payload["stuck"] = self.inbox.stuck_deliveries(self.config.script_timeout + LEASE_SECONDS)
-            if payload["stuck"]:
-                payload.update(status="stuck", error="deliveries have been running for longer than"
-                                                     " --script-timeout: their chats do not move")
-                return 503, payload
-            return 200, payload
-        except InboxUnavailable as exc:
-            self.log.error("health check: %s", exc)
-            payload.update(status="unavailable", error="the inbox is not writable")
-            return 503, payload
-
-    def metrics_text(self) -> str:
-        try:
-            gauges = self.inbox.counts(("pending", "dead"))
-        except InboxUnavailable:
-            gauges = {}
-        return self.metrics.render(gauges)
 
 
 def serve(config: Config, log: logging.Logger) -> int:
