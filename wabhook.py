@@ -67,6 +67,7 @@ import threading
 import time
 import traceback
 import types
+import typing
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -1381,6 +1382,64 @@ class Inbox:
         oldest = self._read("SELECT MIN(received_at) FROM events WHERE status = 'pending'")[0][0]
         return {"events": self.counts(), "by_type": by_type, "deliveries_by_handler": by_handler,
                 "oldest_pending_age_seconds": round(time.time() - oldest, 3) if oldest else 0}
+
+
+class NotReceived(Exception):
+    """The server does not take events now (it is stopping, its handlers folder or inbox is gone):
+    the sender should send again. `code` and the message are what it is told."""
+
+    def __init__(self, code: str, message: str, close: bool = False):
+        super().__init__(message)
+        self.code, self.close = code, close
+
+
+class Intake:
+    """The way in of one event, from its parsed body to its committed row.
+
+    receive() chooses the dedup key and the lane and hands the event to the
+    inbox without waiting; the caller (the HTTP front) commits what it handed
+    over once a turn with commit_received(), and on_done comes back after
+    COMMIT; stored() then says what that answer means. Refusals are
+    NotReceived, which the front turns into 503s.
+    """
+
+    def __init__(self, inbox: Inbox, config: Config, log: logging.Logger,
+                 folder_missing: Callable[[float], bool], on_stored: Callable[[str, bool], None]):
+        self.inbox, self.config, self.log = inbox, config, log
+        self.folder_missing, self.on_stored = folder_missing, on_stored
+        self.accepting = False  # False before start and from the first stop signal on
+
+    def receive(self, body: str, payload: dict, bridge: Optional[str],
+                on_done: Callable[[Optional[Tuple[int, bool]], Optional[Exception]], None]) -> None:
+        """Hand one event to the inbox; on_done((inbox id, duplicate), None) after COMMIT, or (None, error)."""
+        if not self.accepting:
+            raise NotReceived("shutting_down", "the server is shutting down; send again", close=True)
+        if self.folder_missing(FOLDER_CHECK_SECONDS):
+            self.log.error("answered 503: the handlers folder is missing")
+            raise NotReceived("handlers_missing", "the handlers folder is missing; send again once it is back")
+        key, ttl = identity_key(payload, bridge), self.config.retention
+        if key is None and self.config.dedup_window > 0:
+            digest = hashlib.sha256(("%s\n%s" % (bridge or "", body)).encode("utf-8", "surrogatepass"))
+            key, ttl = "body:" + digest.hexdigest(), self.config.dedup_window
+        self.inbox.submit_event(body, payload["event"], bridge, lane_of(payload, bridge), key, ttl, on_done,
+                                flush_here=True)
+
+    def commit_received(self) -> None:
+        """Commit the events receive() took since the last call, in this thread if the inbox's writer is idle."""
+        self.inbox.flush_here()
+
+    def stored(self, event_type: str, result: Optional[Tuple[int, bool]],
+               error: Optional[Exception]) -> Optional[NotReceived]:
+        """What the inbox's answer to receive() means: None (stored), or why it was not.
+
+        Called in the front's own thread, so the inbox's writer goes on to the
+        next batch at once.
+        """
+        if error is not None:
+            self.log.error("answered 503 for a %s event: %s", _printable(event_type, 64), error)
+            return NotReceived("inbox_unavailable", "the event could not be stored; send it again")
+        self.on_stored(event_type, result[1])
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -2766,6 +2825,17 @@ ACCEPT_PAUSE_SECONDS = 0.1  # after accept() ran out of descriptors
 SLOW_REQUEST_SECONDS = 0.25  # a request still arriving after this may be closed to make room for a new connection
 
 
+class FrontServices(typing.Protocol):
+    """What the HTTP front uses of the server (the Server provides it): the one interface between them."""
+
+    config: Config
+    log: logging.Logger
+    metrics: "Metrics"                 # rejected(status), ack(seconds)
+    signing_key: Optional[bytes]       # --secret's key: verify each POST's signature
+    intake: Intake                     # receive(), commit_received(), stored()
+    operator: "Operator"               # endpoint(path): /healthz, /metrics, the page, /api/
+
+
 class HTTPFront:
     """The listening socket and every connection, served by one thread with a selector.
 
@@ -2777,11 +2847,10 @@ class HTTPFront:
     rather than a crowd. Requests for /healthz and /metrics, which may wait
     on the inbox, are answered from a short-lived thread.
 
-    `app` is the Server: this section uses its config, log, metrics,
-    signing_key, accepting, receive(), health() and metrics_text().
+    `app` gives it what FrontServices declares, and nothing else is used.
     """
 
-    def __init__(self, app: "Server", listener: socket.socket):
+    def __init__(self, app: "FrontServices", listener: socket.socket):
         self.app, self.config, self.listener = app, app.config, listener
         self.selector = selectors.DefaultSelector()
         self.connections: Dict[int, _Connection] = {}
@@ -2846,7 +2915,7 @@ class HTTPFront:
                 self._run_completed()
                 if self._received:  # the events of this turn, as one batch
                     self._received = False
-                    self.app.commit_received()
+                    self.app.intake.commit_received()
                     self._run_completed()
                 if not self._listening and self.listener.fileno() >= 0:
                     with contextlib.suppress(KeyError, ValueError):
@@ -3132,17 +3201,20 @@ class HTTPFront:
         # The inbox's writer calls back right after COMMIT; all else happens in this thread,
         # so the writer goes on to its next batch at once (sending the 200 from the writer
         # was measured: it slows every batch more than it saves a reply).
-        self.app.receive(text, payload, label or None,
-                         lambda result, error: self.complete(connection, self._acked, event_type, result, error))
+        try:
+            self.app.intake.receive(text, payload, label or None, lambda result, error: self.complete(
+                connection, self._acked, event_type, result, error))
+        except NotReceived as exc:
+            raise ServiceUnavailable(exc.code, str(exc), close=exc.close) from None
         self._received = True
         return True
 
     def _acked(self, connection: _Connection, event_type: str, result: Optional[Tuple[int, bool]],
                error: Optional[Exception]) -> None:
         """The inbox's answer for an event: the 200 (after COMMIT), or the error it means."""
-        error = self.app.stored(event_type, result, error)
-        if error is not None:
-            self._refuse(connection, error)
+        refusal = self.app.intake.stored(event_type, result, error)
+        if refusal is not None:
+            self._refuse(connection, ServiceUnavailable(refusal.code, str(refusal), close=refusal.close))
         else:
             started = connection.started
             self._answer(connection, 200, b'{"ok": true, "id": %d, "duplicate": %s}' % (
@@ -4138,7 +4210,6 @@ class Server:
         self.config = config
         self.log = log or logging.getLogger("wabhook")
         self.started_at = time.time()
-        self.accepting = False
         self.signing_key = signing_key(config.secret) if config.secret else None
         self.metrics = Metrics()
         if os.path.exists(config.handlers) and not os.path.isdir(config.handlers):
@@ -4154,6 +4225,7 @@ class Server:
         self.registry = Registry(config.handlers, config.script_timeout, script_environment(config, os.environ),
                                  self.log)
         self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log)
+        self.intake = Intake(self.inbox, config, self.log, self.registry.folder_missing, self._stored)
         self.operator = Operator(self)
         self.front: Optional[HTTPFront] = None
 
@@ -4181,7 +4253,7 @@ class Server:
         self._raise_descriptor_limit()
         self._capture_output()
         self.dispatcher.start()
-        self.accepting = True
+        self.intake.accepting = True
         self.front = HTTPFront(self, listener)
         self.front.start()
         self.log.info("wabhook %s listening on %s (handlers: %s, inbox: %s)", __version__, self.url,
@@ -4238,9 +4310,15 @@ class Server:
         scheme = "https" if self.config.tls_cert else "http"
         return "%s://%s:%d%s" % (scheme, host, self.port, self.config.path)
 
+    def _stored(self, event_type: str, duplicate: bool) -> None:
+        """An event is committed: count it, and have a new one dispatched."""
+        self.metrics.event_received(event_type, duplicate)
+        if not duplicate:
+            self.dispatcher.wake()
+
     def stop(self) -> bool:
         """Stop accepting, let running handlers finish (--shutdown-timeout), close the inbox."""
-        self.accepting = False  # a request on an open connection now gets 503 and Connection: close
+        self.intake.accepting = False  # a request on an open connection now gets 503 and Connection: close
         if self.front is not None:
             self.front.stop_listening()
         finished = self.dispatcher.stop(self.config.shutdown_timeout)
@@ -4251,50 +4329,6 @@ class Server:
         self.log.info("stopped; %s", "every running handler finished" if finished
                       else "unfinished runs went back to the inbox")
         return finished
-
-    # -- what the HTTP front calls -----------------------------------------
-
-    def receive(self, body: str, payload: dict, bridge: Optional[str],
-                on_done: Callable[[Optional[Tuple[int, bool]], Optional[Exception]], None]) -> None:
-        """Hand one event to the inbox; on_done((inbox id, duplicate), None) after COMMIT, or (None, error).
-
-        Never waits for a handler, nor for the commit: the caller then calls
-        commit_received() once for all the events it has (the HTTP front, once a
-        turn of its loop), and on_done comes from that call or from the inbox's
-        writer. The answer goes through stored() in the caller's thread.
-        """
-        if not self.accepting:
-            raise ServiceUnavailable("shutting_down", "the server is shutting down; send again", close=True)
-        if self.registry.folder_missing(within=FOLDER_CHECK_SECONDS):
-            self.log.error("answered 503: the handlers folder %s is missing", self.registry.folder)
-            raise ServiceUnavailable("handlers_missing", "the handlers folder is missing; send again once it is back")
-        event_type = payload["event"]
-        key, ttl = identity_key(payload, bridge), self.config.retention
-        if key is None and self.config.dedup_window > 0:
-            digest = hashlib.sha256(("%s\n%s" % (bridge or "", body)).encode("utf-8", "surrogatepass"))
-            key, ttl = "body:" + digest.hexdigest(), self.config.dedup_window
-
-        self.inbox.submit_event(body, event_type, bridge, lane_of(payload, bridge), key, ttl, on_done,
-                                flush_here=True)
-
-    def commit_received(self) -> None:
-        """Commit the events receive() took since the last call, in this thread if the inbox's writer is idle."""
-        self.inbox.flush_here()
-
-    def stored(self, event_type: str, result: Optional[Tuple[int, bool]],
-               error: Optional[Exception]) -> Optional[HTTPError]:
-        """What the inbox's answer to receive() means: None (stored), or the error to reply with.
-
-        Called by the HTTP front in its own thread, so the inbox's writer
-        goes on to the next batch at once.
-        """
-        if error is not None:
-            self.log.error("answered 503 for a %s event: %s", _printable(event_type, 64), error)
-            return ServiceUnavailable("inbox_unavailable", "the event could not be stored; send it again")
-        self.metrics.event_received(event_type, result[1])
-        if not result[1]:
-            self.dispatcher.wake()
-        return None
 
 
 def serve(config: Config, log: logging.Logger) -> int:
