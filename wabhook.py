@@ -2469,6 +2469,10 @@ class Conflict(HTTPError):
     status = 409
 
 
+class Forbidden(HTTPError):
+    status = 403
+
+
 def _printable(text: str, limit: int = 200) -> str:
     """Request text made safe for one log line (no control characters, bounded)."""
     return ascii(text[:limit])[1:-1]
@@ -3111,9 +3115,12 @@ class HTTPFront:
         app, config, path = self.app, self.config, request.path
         endpoint = app.operator.endpoint(path)  # /healthz, /metrics, the page, /api/ (section 7)
         if endpoint is not None:
-            self._require_method(request, *endpoint.methods)
+            if endpoint.methods is not None:
+                self._require_method(request, *endpoint.methods)
             if endpoint.token:
                 self._require_token(request)
+            if endpoint.private:
+                app.operator.admit(request.method, request.headers)
             if endpoint.static is not None:
                 self._answer(connection, 200, *endpoint.static)
             else:
@@ -4048,7 +4055,7 @@ class InboxAPI:
 
     @staticmethod
     def _read_only(method: str, read: Callable[[], dict]) -> dict:
-        if method == "POST":
+        if method not in ("GET", "HEAD"):
             raise MethodNotAllowed("method_not_allowed", "use GET", headers=(("Allow", "GET, HEAD"),))
         return read()
 
@@ -4095,10 +4102,12 @@ class InboxAPI:
         return {"discarded": [event_id]}
 
 
-Endpoint = namedtuple("Endpoint", "methods token static answer")
-Endpoint.__doc__ = """One operator path: the methods it takes, whether it wants --token, and either
-`static` (body, content type, headers) or answer(method, path, query) -> (status, payload) or
-(status, body, content type), run in a reply thread of its own (it may wait for the inbox)."""
+Endpoint = namedtuple("Endpoint", "methods token static answer private")
+Endpoint.__doc__ = """One operator path: the methods it takes (None: answer() checks them), whether it
+wants --token, and either `static` (body, content type, headers) or answer(method, path, query) ->
+(status, payload) or (status, body, content type), run in a reply thread of its own (it may wait
+for the inbox). `private`: the page and its API, which the browser of this machine's user reaches
+(see Operator.admit)."""
 
 
 class Operator:
@@ -4115,13 +4124,14 @@ class Operator:
         self.serves_page = not config.no_ui and (bool(config.token) or is_loopback(config.host))
         self.api = InboxAPI(server.inbox, server.metrics)
         self._endpoints = {
-            "/healthz": Endpoint(("GET", "HEAD"), False, None, lambda *_request: self.health()),
-            "/metrics": Endpoint(("GET", "HEAD"), True, None, lambda *_request: self.metrics()),
+            "/healthz": Endpoint(("GET", "HEAD"), False, None, lambda *_request: self.health(), False),
+            "/metrics": Endpoint(("GET", "HEAD"), True, None, lambda *_request: self.metrics(), False),
         }
         if self.serves_page:  # the page's files hold no data: no token, so the page can ask for it
             for path, (body, content_type) in PAGE_FILES.items():
-                self._endpoints[path] = Endpoint(("GET", "HEAD"), False, (body, content_type, PAGE_HEADERS), None)
-        self._api = Endpoint(("GET", "HEAD", "POST"), True, None, self.api.answer)
+                self._endpoints[path] = Endpoint(("GET", "HEAD"), False, (body, content_type, PAGE_HEADERS),
+                                                 None, True)
+        self._api = Endpoint(None, True, None, self.api.answer, True)
 
     def endpoint(self, path: str) -> Optional[Endpoint]:
         """The operator endpoint at `path`, or None (the path is the hook's, or unknown)."""
@@ -4129,6 +4139,23 @@ class Operator:
         if found is None and self.serves_page and (path == "/api" or path.startswith("/api/")):
             return self._api
         return found
+
+    def admit(self, method: str, headers: "Headers") -> None:
+        """Refuse what a hostile web page could make this machine's browser ask of the page or API.
+
+        Without --token the page is served on loopback only, and any web page the
+        user visits can reach 127.0.0.1 too: a name it re-points at 127.0.0.1 (DNS
+        rebinding) would read the inbox same-origin, so the Host must be a
+        loopback one. A POST from another origin (a form on any site needs no
+        preflight) is refused with or without a token.
+        """
+        host = headers.get("Host", "")
+        if not self.server.config.token and not is_loopback(_host_of(host)):
+            raise Forbidden("forbidden_host", "without --token the page answers only requests for localhost or"
+                                              " a loopback address; set --token to reach it by another name")
+        origin = headers.get("Origin")
+        if method == "POST" and origin is not None and urllib.parse.urlsplit(origin).netloc.lower() != host.lower():
+            raise Forbidden("cross_origin", "a POST from another origin is refused; use the page itself or curl")
 
     def health(self) -> Tuple[int, dict]:
         """GET /healthz: 200 when events are stored and delivered, else 503 saying why."""
@@ -4167,6 +4194,13 @@ class Operator:
 # ---------------------------------------------------------------------------
 # 8. Server lifecycle
 # ---------------------------------------------------------------------------
+
+def _host_of(authority: str) -> str:
+    """The host of a Host header: 127.0.0.1:3000 -> 127.0.0.1, [::1]:3000 -> ::1, localhost -> localhost."""
+    if authority.startswith("["):
+        return authority[1:authority.find("]")] if "]" in authority else authority
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
 
 def is_loopback(host: str) -> bool:
     """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
