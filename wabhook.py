@@ -1043,9 +1043,11 @@ class Inbox:
         a running delivery (in any process sharing the file) is skipped, which
         is what keeps one chat's events in order.
         """
-        now = time.time() if now is None else now
+        fixed_now = now
 
         def claim(db) -> List[Claim]:
+            # The time inside the transaction: a run never starts before its event was stored.
+            now = time.time() if fixed_now is None else fixed_now
             self._fan_out(db, handlers_for, now)
             heads = self._claimable_heads(db, now, limit) if limit > 0 else []
             if not heads:
@@ -3125,7 +3127,8 @@ class HTTPFront:
                 self._answer(connection, 200, *endpoint.static)
             else:
                 self._answer_in_thread(connection, functools.partial(endpoint.answer, request.method, path,
-                                                                     request.query))
+                                                                     request.query),
+                                       API_HEADERS if endpoint.private else ())
             return
         prefix = config.path.rstrip("/")
         if path != config.path and not path.startswith(prefix + "/"):
@@ -3237,7 +3240,8 @@ class HTTPFront:
         self._refuse(connection, exc)
         self._advance(connection)
 
-    def _answer_in_thread(self, connection: _Connection, make_reply: Callable[[], tuple]) -> None:
+    def _answer_in_thread(self, connection: _Connection, make_reply: Callable[[], tuple],
+                          headers: Tuple = ()) -> None:
         """Answer from a thread of its own: the reply may wait for the inbox, the front may not."""
         connection.busy = True
         connection.deadline = float("inf")
@@ -3250,7 +3254,7 @@ class HTTPFront:
                 return
             if len(reply) == 2:  # (status, JSON payload)
                 reply = (reply[0], json.dumps(reply[1]).encode("utf-8"), "application/json")
-            self.complete(connection, self._answer_and_go_on, *reply)
+            self.complete(connection, self._answer_and_go_on, *reply, headers)
         threading.Thread(target=run, name="wabhook-http-reply", daemon=True).start()
 
     def _require_method(self, request: Request, *allowed):
@@ -4013,6 +4017,7 @@ PAGE_FILES = {
 }
 # Event bodies are people's messages: the page runs only its own script (no inline script, no
 # other origin), cannot be framed, and the browser sniffs no other type from these files.
+API_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"))  # bodies are messages
 PAGE_HEADERS = (
     ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none';"
                                 " base-uri 'none'; form-action 'self'"),
@@ -4034,8 +4039,8 @@ class InboxAPI:
     refusals are HTTPErrors, answered like any other.
     """
 
-    def __init__(self, inbox: "Inbox", metrics: Metrics):
-        self.inbox, self.metrics = inbox, metrics
+    def __init__(self, inbox: "Inbox", metrics: Metrics, wake: Callable[[], None]):
+        self.inbox, self.metrics, self.wake = inbox, metrics, wake  # wake: the dispatcher, after a replay
 
     def answer(self, method: str, path: str, query: str) -> Tuple[int, dict]:
         parts = path.rstrip("/").split("/")[2:]  # /api/events/7/replay -> events, 7, replay
@@ -4090,6 +4095,7 @@ class InboxAPI:
     def replay(self, event_id: int) -> dict:
         if not self.inbox.replay([event_id]):
             raise NotFound("not_found", "no event %d in the inbox" % event_id)
+        self.wake()
         return {"replayed": [event_id]}
 
     def discard(self, event_id: int) -> dict:
@@ -4122,7 +4128,7 @@ class Operator:
         config = server.config
         # Event bodies are private messages: without a token only this machine may see them.
         self.serves_page = not config.no_ui and (bool(config.token) or is_loopback(config.host))
-        self.api = InboxAPI(server.inbox, server.metrics)
+        self.api = InboxAPI(server.inbox, server.metrics, server.dispatcher.wake)
         self._endpoints = {
             "/healthz": Endpoint(("GET", "HEAD"), False, None, lambda *_request: self.health(), False),
             "/metrics": Endpoint(("GET", "HEAD"), True, None, lambda *_request: self.metrics(), False),
