@@ -17,8 +17,9 @@ The path of one event, in the order of the sections below:
                fans it out to every handler in the handlers folder and records
                each handler's outcome; failures come back with backoff, then
                go to the dead letters
-            -> Handlers: `<event>.py` with handle(event), or any executable
-               `<event>[.<label>][.ext]` that reads the event JSON on stdin.
+            -> Handlers: `<event>.py` with handle(event), any executable
+               `<event>[.<label>][.ext]` that reads the event JSON on stdin, or
+               `<event>[.<label>].forward` naming a URL the event is POSTed to.
 
 The promises:
 
@@ -46,6 +47,7 @@ import functools
 import hashlib
 import hmac
 import http
+import http.client
 import importlib.util
 import inspect
 import ipaddress
@@ -1486,13 +1488,15 @@ def is_candidate(filename: str) -> bool:
 def is_handler_file(filename: str, mode: int) -> bool:
     """Whether a regular file of the handlers folder is a handler: the one definition, for the server and `check`.
 
-    `<event>[.<label>].py`, any executable `<event>[.<label>][.ext]`, and also a
+    `<event>[.<label>].py`, `<event>[.<label>].forward`, any executable
+    `<event>[.<label>][.ext]`, and also a
     file named after a documented event that cannot run (no exec bit): that
     one is a broken handler whose events wait for the fix, not a file to ignore.
     """
     if not is_candidate(filename):
         return False
-    return filename.endswith(".py") or _is_executable(mode) or handler_event(filename) in KNOWN_PREFIXES
+    return (filename.endswith((".py", FORWARD_SUFFIX)) or _is_executable(mode)
+            or handler_event(filename) in KNOWN_PREFIXES)
 
 
 def holds_chat(name: str) -> bool:
@@ -1721,6 +1725,541 @@ def _read_settled(path: str) -> Tuple[str, tuple]:
         time.sleep(0.05)
 
 
+# A `.forward` file names a URL; wabhook POSTs each event's body there (see parse_forward_file).
+FORWARD_TIMEOUT = 10.0           # seconds a delivery may take when the file sets none
+FORWARD_IDLE_PER_TARGET = 16     # idle keep-alive connections kept per (scheme, host, port)
+# An idle connection older than this is closed, not reused: servers drop idle keep-alive
+# connections after a few seconds (gunicorn 2 s, Node 5 s, Apache 5 s), and a request sent
+# just as the server closes is lost to a reset (retried once, see ForwardPool.post).
+FORWARD_IDLE_SECONDS = 4.0
+FORWARD_REPLY_CAP = 64 * 1024    # bytes of a target's reply read; a longer one closes its connection
+FORWARD_KEYWORDS = ("url", "header", "secret", "timeout")
+FORWARD_EXAMPLES = {"url": "url https://ingest.example.com/whatsapp",
+                    "header": "header Authorization: Bearer ${INGEST_TOKEN}",
+                    "secret": "secret ${FORWARD_SECRET}", "timeout": "timeout 10"}
+# Headers wabhook writes itself: framing and connection management (a wrong one would
+# break keep-alive for every later event), and the Standard Webhooks three.
+FORWARD_RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection", "keep-alive",
+                            "te", "trailer", "upgrade", "expect", "webhook-id", "webhook-timestamp",
+                            "webhook-signature")
+FORWARD_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+FORWARD_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")               # printable ASCII and tab, nothing else
+FORWARD_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$")
+FORWARD_COMMENT = re.compile(r"(?:^|\s)#.*")
+
+
+@dataclass(frozen=True)
+class ForwardTarget:
+    """What a `.forward` file says, with its ${VAR}s filled in: where and how to POST events."""
+
+    scheme: str                          # http | https
+    host: str                            # as http.client takes it: no brackets around IPv6
+    port: int
+    target: str                          # the request target: path and ?query
+    # The file's `header` lines, in order, and the HMAC key of its `secret` (None: not
+    # signed): both may hold secrets, so neither is in the repr.
+    headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
+    key: Optional[bytes] = field(default=None, repr=False)
+    timeout: float = FORWARD_TIMEOUT
+
+    @property
+    def address(self) -> Tuple[str, str, int]:
+        """What connections are pooled by."""
+        return self.scheme, self.host, self.port
+
+    @property
+    def where(self) -> str:
+        """host:port for messages (never the path or query: they may hold a token)."""
+        return "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
+
+
+def parse_forward_file(text: str, environ: Dict[str, str], name: str = "the .forward file") -> ForwardTarget:
+    """The target a `.forward` file describes, or HandlerLoadError naming the line and the fix.
+
+    The format, one setting a line:
+
+        # handlers/message.forward: every message event goes to this URL
+        url https://ingest.example.com/whatsapp
+        header Authorization: Bearer ${INGEST_TOKEN}
+        header X-Source: wabhook
+        secret ${FORWARD_SECRET}   # whsec_...: sign with Standard Webhooks
+        timeout 10                 # seconds a delivery may take (default 10)
+
+    - `url` (required, once): http:// or https:// with a host; user:password@ in it
+      is sent as Basic authorization. No #fragment.
+    - `header Name: value` (any number, sent in order): Name is an HTTP token, the
+      value printable ASCII. Content-Type (default application/json) and User-Agent
+      (default wabhook/<version>) may be replaced; Host, Content-Length,
+      Transfer-Encoding, Connection and the webhook-* headers are wabhook's.
+    - `secret whsec_<base64>` (optional, once): sign each POST with Standard
+      Webhooks (webhook-id, webhook-timestamp, webhook-signature).
+    - `timeout` (optional, once): 10, 2.5, 500ms ...; capped by --script-timeout.
+    - A `#` at the start of a line or after a space starts a comment; blank lines
+      are skipped; a keyword is separated from its value by spaces.
+    - `${NAME}` in a value is replaced by the environment variable NAME of the
+      wabhook process; an unset one is an error. `$$` is a literal `$`; any other
+      `$` is an error (so `$TOKEN`, a shell habit, is not sent as such).
+
+    The server reads the file when it loads the handler and again whenever the
+    file changes; the variables come from its environment as it started, so a
+    new value of one takes a restart (a process's environment cannot change).
+    """
+    url_line = secret_line = timeout_line = None
+    parts: Optional[urllib.parse.SplitResult] = None
+    headers: List[Tuple[str, str]] = []
+    key: Optional[bytes] = None
+    timeout = FORWARD_TIMEOUT
+    authorization_line = None
+    for number, raw_line in enumerate(text.splitlines(), 1):
+        line = FORWARD_COMMENT.sub("", raw_line).strip()
+        if not line:
+            continue
+        keyword, value = (line.split(None, 1) + [""])[:2]
+        where = "%s line %d" % (name, number)
+        if keyword not in FORWARD_KEYWORDS:
+            close = difflib.get_close_matches(keyword, FORWARD_KEYWORDS, n=1)
+            raise HandlerLoadError("%s: %r is not a setting%s; a .forward file has url, header, secret and"
+                                   " timeout lines" % (where, keyword[:40], " (did you mean %s?)" % close[0]
+                                                         if close else ""))
+        if not value:
+            raise HandlerLoadError("%s: %s needs a value, as in: %s" % (where, keyword, FORWARD_EXAMPLES[keyword]))
+        earlier = {"url": url_line, "secret": secret_line, "timeout": timeout_line}.get(keyword)
+        if earlier:
+            raise HandlerLoadError("%s: a second %s line (line %d has one): keep one" % (where, keyword, earlier))
+        if keyword == "header":
+            header_name, colon, header_value = value.partition(":")
+            header_name = header_name.strip()
+            if not colon or not FORWARD_HEADER_NAME.fullmatch(header_name):
+                raise HandlerLoadError("%s: write a header as header Name: value, with a name of letters, digits"
+                                       " and -, as in: %s" % (where, FORWARD_EXAMPLES["header"]))
+            if header_name.lower() in FORWARD_RESERVED_HEADERS:
+                raise HandlerLoadError("%s: wabhook sets the %s header itself: remove this line%s" % (
+                    where, header_name, " (a secret line makes it sign)" if header_name.lower().startswith(
+                        "webhook-") else ""))
+            header_value = _substitute(header_value, environ, where).strip()
+            if not FORWARD_HEADER_VALUE.fullmatch(header_value):
+                raise HandlerLoadError("%s: the value of header %s holds a line break, a control character or"
+                                       " non-ASCII text: header values are printable ASCII (check the variables"
+                                       " it uses)" % (where, header_name))
+            if header_name.lower() == "authorization":
+                authorization_line = number
+            headers.append((header_name, header_value))
+        elif keyword == "url":
+            url_line, parts = number, _forward_url(_substitute(value, environ, where), where)
+        elif keyword == "secret":
+            secret_line, key = number, _forward_key(_substitute(value, environ, where), where)
+        else:
+            timeout_line, timeout = number, _forward_timeout(_substitute(value, environ, where), where)
+    if parts is None:
+        raise HandlerLoadError("%s has no url line: add one, as in: %s" % (name, FORWARD_EXAMPLES["url"]))
+    if parts.username is not None:
+        if authorization_line:
+            raise HandlerLoadError("%s line %d: the url has user:password@ and line %d an Authorization header:"
+                                   " keep one" % (name, url_line, authorization_line))
+        credentials = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+        headers.append(("Authorization", "Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii")))
+    scheme = parts.scheme.lower()
+    return ForwardTarget(scheme=scheme, host=parts.hostname, port=parts.port or (443 if scheme == "https" else 80),
+                         target=(parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                         headers=tuple(headers), key=key, timeout=timeout)
+
+
+def _substitute(value: str, environ: Dict[str, str], where: str) -> str:
+    """${NAME} replaced from `environ`, $$ as $; HandlerLoadError for an unset NAME or a stray $."""
+    def replace(match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        variable = match.group(1)
+        if variable is None:
+            raise HandlerLoadError("%s: a $ starts a variable, written ${NAME}; write $$ for a $ itself" % where)
+        if variable not in environ:
+            raise HandlerLoadError("%s: ${%s} is not set in wabhook's environment: set %s where wabhook starts"
+                                   " (e.g. Environment= in its systemd unit) and restart it" % (
+                                       where, variable, variable))
+        return environ[variable]
+    return FORWARD_VARIABLE.sub(replace, value)
+
+
+def _forward_url(url: str, where: str) -> urllib.parse.SplitResult:
+    if not re.fullmatch(r"[\x21-\x7e]+", url):
+        raise HandlerLoadError("%s: the url holds a space, a control character or non-ASCII text: percent-encode"
+                               " it (a space is %%20; a host as punycode)" % where)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not url.lower().startswith(parts.scheme.lower() + "://"):
+        raise HandlerLoadError("%s: the url must start with http:// or https://, as in: %s"
+                               % (where, FORWARD_EXAMPLES["url"]))
+    if not parts.hostname:
+        raise HandlerLoadError("%s: the url has no host: write it as https://host[:port]/path" % where)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (port is None and re.search(r":[^\]]*$", parts.netloc.rpartition("@")[2])):
+        raise HandlerLoadError("%s: the url's port must be a number from 1 to 65535" % where)
+    if parts.fragment or url.endswith("#"):
+        raise HandlerLoadError("%s: the url has a #fragment, which is never sent: remove it" % where)
+    return parts
+
+
+def _forward_key(secret: str, where: str) -> bytes:
+    key = b""
+    if secret.startswith("whsec_"):
+        try:
+            key = signing_key(secret)  # the same reading of a whsec_ secret as --secret's
+        except ConfigError:
+            pass
+    if not key:
+        raise HandlerLoadError("%s: the secret must be whsec_ followed by base64, the Standard Webhooks secret"
+                               " the target verifies with" % where)
+    return key
+
+
+def _forward_timeout(text: str, where: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise HandlerLoadError("%s: timeout takes seconds above 0, such as 10, 2.5 or 500ms" % where)
+    return seconds
+
+
+def webhook_id(event: Event, body: str) -> str:
+    """The `webhook-id` of every POST of this event: "evt_" and 32 hex digits, the same on every attempt.
+
+    Made only of what the inbox stored, never of the attempt: an event with a
+    natural identity (a message, a call ...) hashes identity_key(), the key the
+    inbox deduplicates by, so it is also the same on another host that got the
+    same event (an active/standby pair) and equals all.nats.py's Nats-Msg-Id. One
+    without (connected, typing ...) hashes its inbox row: bridge, inbox id,
+    received_at and body; received_at keeps a new inbox file, whose ids start
+    again at 1, from reusing an old id. Retries, restarts and `replay` read the
+    same row, so a receiver that remembers ids drops what at-least-once repeats.
+    """
+    key = identity_key(event.raw, event.bridge)
+    if key is None:
+        key = json.dumps([event.bridge or "", event.id, repr(event.received_at), body], separators=(",", ":"))
+    return "evt_" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def webhook_signature(key: bytes, message_id: str, timestamp: str, body: bytes) -> str:
+    """The Standard Webhooks `webhook-signature` value (v1, HMAC-SHA256 of "id.timestamp.body")."""
+    signed = ("%s.%s." % (message_id, timestamp)).encode("utf-8") + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
+
+
+class ForwardPool:
+    """Idle keep-alive connections to forward targets, shared by every ForwardHandler of a Registry.
+
+    Keyed by (scheme, host, port): two files naming the same target share its
+    connections, and a reloaded file keeps them. A connection is taken out for
+    one request and given back only after its reply was read to the end (a
+    reply cut short, `Connection: close`, or one over FORWARD_REPLY_CAP closes
+    it instead). At most FORWARD_IDLE_PER_TARGET stay idle per target; the
+    connections in use are bounded by --workers, since a worker holds one at a
+    time. A hung target holds up only the workers waiting on it, each for at
+    most its file's timeout: no lock is held while a request is under way.
+    """
+
+    def __init__(self):
+        self._idle: Dict[Tuple[str, str, int], List[Tuple[http.client.HTTPConnection, float]]] = {}
+        self._lock = threading.Lock()
+        self._tls: Optional[ssl.SSLContext] = None
+        self._swept_at = time.monotonic()
+        self._closed = False
+
+    def post(self, target: ForwardTarget, body: bytes, headers: List[Tuple[str, str]],
+             timeout: float) -> Tuple[int, bytes, str]:
+        """POST `body` to the target: (status, the reply's first FORWARD_REPLY_CAP bytes, its Location).
+
+        HandlerFailed when no reply came (connect, TLS, timeout, reset); the
+        whole exchange, connecting included, takes at most `timeout` seconds.
+        A kept-alive connection the target closed meanwhile fails the request
+        (a reset or broken pipe while sending, or the connection closed before
+        the reply's status line): that one is sent again, once, on a new
+        connection; a new connection failing so is a failed attempt. The
+        target may have taken the first one after all (and closed without
+        answering); both carry the same webhook-id, so it can drop the second,
+        as it drops any repeat that at-least-once allows.
+        """
+        deadline = time.monotonic() + timeout
+        connection = self._take(target.address)
+        reused = connection is not None
+        connected = reused
+        try:
+            if connection is None:
+                connection = self._connect(target, deadline)
+                connected = True
+            try:
+                response, sock = self._send(connection, target, body, headers, deadline)
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
+                # RemoteDisconnected is a ConnectionResetError: the status line never came.
+                if not reused:
+                    raise
+                connection.close()
+                connection, connected = None, False
+                self._log_stale(target, exc)
+                connection = self._connect(target, deadline)
+                connected = True
+                response, sock = self._send(connection, target, body, headers, deadline)
+            reply, complete = self._read_reply(response, sock, deadline)
+        except socket.timeout:
+            if connection is not None:
+                connection.close()
+            raise HandlerFailed("%s %s within %gs" % ("no answer from" if connected else "cannot connect to",
+                                                      target.where, timeout)) from None
+        except (OSError, http.client.HTTPException) as exc:
+            if connection is not None:
+                connection.close()
+            raise HandlerFailed(_connection_problem(target, exc)) from None
+        except BaseException:  # not the target's doing (a bug of ours): no connection left half-used
+            if connection is not None:
+                connection.close()
+            raise
+        if complete and connection.sock is not None:
+            self._give(target.address, connection)
+        else:
+            connection.close()
+        return response.status, reply, response.getheader("Location", "")
+
+    def close(self) -> None:
+        """Close every idle connection; those in use close when their request ends (shutdown)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection, _since in connections:
+                connection.close()
+
+    def idle_count(self, address: Optional[Tuple[str, str, int]] = None) -> int:
+        """Idle connections kept (to one target, or in all)."""
+        with self._lock:
+            return sum(len(c) for a, c in self._idle.items() if address is None or a == address)
+
+    def _take(self, address) -> Optional[http.client.HTTPConnection]:
+        """The most recently used idle connection to `address` that still looks open, or None."""
+        stale = []
+        found = None
+        with self._lock:
+            connections = self._idle.get(address, [])
+            now = time.monotonic()
+            while connections:
+                connection, since = connections.pop()
+                if now - since > FORWARD_IDLE_SECONDS:
+                    stale.append(connection)
+                    stale.extend(c for c, _since in connections)  # older still
+                    connections.clear()
+                elif _peer_closed(connection.sock):
+                    stale.append(connection)
+                else:
+                    found = connection
+                    break
+        for connection in stale:
+            connection.close()
+        return found
+
+    def _give(self, address, connection: http.client.HTTPConnection) -> None:
+        """Keep a connection whose reply was read to the end for the next request (or close it)."""
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            connections = self._idle.setdefault(address, [])
+            if self._closed or len(connections) >= FORWARD_IDLE_PER_TARGET:
+                expired.append(connection)
+            else:
+                connections.append((connection, now))
+            if now - self._swept_at > FORWARD_IDLE_SECONDS:  # targets no longer used (a file edited)
+                self._swept_at = now
+                for key in list(self._idle):
+                    kept = [(c, since) for c, since in self._idle[key] if now - since <= FORWARD_IDLE_SECONDS]
+                    expired.extend(c for c, since in self._idle[key] if now - since > FORWARD_IDLE_SECONDS)
+                    if kept:
+                        self._idle[key] = kept
+                    else:
+                        del self._idle[key]
+        for old in expired:
+            old.close()
+
+    def _connect(self, target: ForwardTarget, deadline: float) -> http.client.HTTPConnection:
+        remaining = _remaining(deadline)
+        if target.scheme == "https":
+            connection = http.client.HTTPSConnection(target.host, target.port, timeout=remaining,
+                                                     context=self._tls_context())
+        else:
+            connection = http.client.HTTPConnection(target.host, target.port, timeout=remaining)
+        try:
+            connection.connect()
+        except BaseException:
+            connection.close()
+            raise
+        # Headers and body go out as two writes: without NODELAY the body waits for the
+        # ACK of the headers, 40 ms on a delayed ACK (Python before 3.12? sets it; we make sure).
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return connection
+
+    def _tls_context(self) -> ssl.SSLContext:
+        with self._lock:  # one context: loading the system's CA certificates takes milliseconds
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            return self._tls
+
+    @staticmethod
+    def _send(connection: http.client.HTTPConnection, target: ForwardTarget, body: bytes,
+              headers: List[Tuple[str, str]], deadline: float):
+        """Send the request and read the reply's head: (response, its socket)."""
+        sock = connection.sock
+        sock.settimeout(_remaining(deadline))
+        connection.putrequest("POST", target.target, skip_accept_encoding=True)
+        for header_name, value in headers:
+            connection.putheader(header_name, value)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        sock.settimeout(_remaining(deadline))
+        return connection.getresponse(), sock  # getresponse() drops connection.sock on Connection: close
+
+    @staticmethod
+    def _read_reply(response: http.client.HTTPResponse, sock, deadline: float) -> Tuple[bytes, bool]:
+        """(the reply's first FORWARD_REPLY_CAP bytes, whether it was read to its end), within the deadline."""
+        parts, size = [], 0
+        while size <= FORWARD_REPLY_CAP:
+            if response.isclosed():  # read to its end (on Connection: close, its socket is closed now)
+                return b"".join(parts), True
+            sock.settimeout(_remaining(deadline))  # a trickling reply cannot outlast the timeout
+            chunk = response.read(16 * 1024)
+            if not chunk:
+                return b"".join(parts), True
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)[:FORWARD_REPLY_CAP], False
+
+    @staticmethod
+    def _log_stale(target: ForwardTarget, exc: Exception) -> None:
+        logging.getLogger("wabhook").debug("a kept-alive connection to %s was closed by the target (%s):"
+                                           " sending again on a new one", target.where, type(exc).__name__)
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("timed out")
+    return remaining
+
+
+def _peer_closed(sock) -> bool:
+    """Whether an idle connection's peer closed it (or sent what no request asked for): cheap, no wait.
+
+    TLS connections are not looked at (their socket cannot peek, and a TLS 1.3
+    server may send session tickets after the handshake); a closed one fails
+    its next request before any reply byte, which post() sends again.
+    """
+    if sock is None:
+        return True
+    if isinstance(sock, ssl.SSLSocket):
+        return False
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # a socket with a timeout would wait for data to peek at
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # b"": closed; a byte: not ours to read
+        return True
+    except BlockingIOError:
+        return False  # nothing to read: open and quiet, as an idle connection should be
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
+def _connection_problem(target: ForwardTarget, exc: Exception) -> str:
+    """One sentence for a delivery that got no reply."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "the TLS certificate of %s is not trusted: %s" % (target.where, exc.verify_message or exc)
+    if isinstance(exc, ssl.SSLError):
+        return "TLS with %s failed: %s" % (target.where, exc.reason or exc)
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve %s: %s" % (target.host, exc.strerror or exc)
+    if isinstance(exc, ConnectionRefusedError):
+        return "%s refused the connection (is the target running?)" % target.where
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "%s closed the connection without answering" % target.where
+    if isinstance(exc, http.client.HTTPException):
+        return "%s answered with something other than HTTP/1.x: %s" % (target.where, type(exc).__name__)
+    return "cannot reach %s: %s" % (target.where, exc.strerror or exc if isinstance(exc, OSError) else exc)
+
+
+def _load_forward_file(name: str, path: str, environ: Dict[str, str]) -> Tuple[ForwardTarget, tuple]:
+    """(the target, the file's signature as read), waiting out a save in progress.
+
+    A file that changes while read, or that is wrong and was modified within
+    SETTLE_SECONDS (an editor's truncate-then-write, a checkout), is read
+    again until it settles; then its error stands.
+    """
+    deadline = time.monotonic() + SETTLE_SECONDS * 2
+    while True:
+        signature = _signature(path)
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if _signature(path) == signature or time.monotonic() > deadline:
+            try:
+                try:
+                    text = data.decode("utf-8-sig")
+                except UnicodeDecodeError:
+                    raise HandlerLoadError("%s is not UTF-8 text: save it as UTF-8" % name) from None
+                return parse_forward_file(text, environ, name), signature
+            except HandlerLoadError:
+                if time.time() - signature[0] / 1e9 >= SETTLE_SECONDS or time.monotonic() > deadline:
+                    raise
+        time.sleep(0.05)
+
+
+class ForwardHandler:
+    """A `<event>[.<label>].forward` file: POST each event's body to the URL it names; a 2xx is success.
+
+    The file is read when loaded; the Registry loads it again when it changes,
+    like any handler. Its ${VAR}s are filled in then, from wabhook's own
+    environment, which is fixed when wabhook starts: a new value takes a restart.
+    """
+
+    form = "forward"  # what kind of handler (python, script, forward); was `kind` before commit 7356d58
+
+    def __init__(self, name: str, path: str, signature, target: ForwardTarget, timeout: float, pool: ForwardPool):
+        self.name, self.path, self.signature, self.target = name, path, signature, target
+        self.timeout = min(target.timeout, timeout)  # the file's, within --script-timeout
+        self.pool = pool
+
+    @classmethod
+    def load(cls, name: str, path: str, environ: Dict[str, str], timeout: float,
+             pool: ForwardPool) -> "ForwardHandler":
+        target, signature = _load_forward_file(name, path, environ)
+        return cls(name, path, signature, target, timeout, pool)
+
+    def run(self, event: Event, body: str, log: logging.Logger) -> None:
+        """POST the event's body as stored; HandlerFailed unless the target answers 2xx in time."""
+        payload = body.encode("utf-8")
+        status, reply, location = self.pool.post(self.target, payload, self.headers(event, body, payload),
+                                                 self.timeout)
+        if 200 <= status < 300:
+            return None
+        text = _printable(reply.decode("utf-8", "replace").strip(), 200)
+        if 300 <= status < 400 and location:
+            text = "a redirect to %s, which wabhook does not follow: put that URL in %s" % (
+                _printable(location, 200), self.name)
+        raise HandlerFailed("target answered %d%s" % (status, ": " + text if text else ""))
+
+    def headers(self, event: Event, body: str, payload: bytes) -> List[Tuple[str, str]]:
+        """The file's headers, then the defaults it does not replace, then the Standard Webhooks ones."""
+        headers = list(self.target.headers)
+        written = {header_name.lower() for header_name, _value in headers}
+        if "content-type" not in written:
+            headers.append(("Content-Type", "application/json"))
+        if "user-agent" not in written:
+            headers.append(("User-Agent", "wabhook/" + __version__))
+        message_id, timestamp = webhook_id(event, body), str(int(time.time()))
+        headers += [("webhook-id", message_id), ("webhook-timestamp", timestamp)]
+        if self.target.key is not None:
+            headers.append(("webhook-signature", webhook_signature(self.target.key, message_id, timestamp, payload)))
+        return headers
+
+
 SCRIPT_ENVIRONMENT = ("PATH", "HOME", "LANG", "TZ")
 
 
@@ -1751,7 +2290,7 @@ class Registry:
     """
 
     def __init__(self, folder: str, script_timeout: float, script_environment: Optional[dict] = None,
-                 log: Optional[logging.Logger] = None):
+                 log: Optional[logging.Logger] = None, environ: Optional[Dict[str, str]] = None):
         self.folder = os.path.abspath(folder)
         self.script_timeout = script_timeout
         self.script_environment = script_environment or {}
@@ -1764,9 +2303,11 @@ class Registry:
         self._listed_at = 0.0
         self._files: Dict[str, tuple] = {}       # name -> signature, as last listed
         self._last_seen: Dict[str, float] = {}   # name -> when it was last listed
-        self._loaded: Dict[str, object] = {}     # name -> PythonHandler | ScriptHandler
+        self._loaded: Dict[str, object] = {}     # name -> PythonHandler | ScriptHandler | ForwardHandler
         self._helpers: Dict[str, tuple] = {}     # _helper.py -> signature
         self.processes: set = set()              # running script processes, killed at shutdown
+        self.environ = dict(environ or {})       # what ${VAR} in a .forward file reads
+        self.connections = ForwardPool()         # keep-alive connections of the .forward handlers
         make_importable(self.folder)
 
     def _list(self, force: bool = False):
@@ -1909,6 +2450,8 @@ class Registry:
         path = os.path.join(self.folder, name)
         if name.endswith(".py"):
             return PythonHandler.load(name, path, self.script_timeout)
+        if name.endswith(FORWARD_SUFFIX):  # by name, whatever its mode: settings, not a program
+            return ForwardHandler.load(name, path, self.environ, self.script_timeout, self.connections)
         problem = script_problem(name, path)
         if problem:
             raise HandlerLoadError("%s %s" % (name, problem))
@@ -1985,7 +2528,7 @@ class HandlerOutput:
 Problem = namedtuple("Problem", "file message")
 
 
-def check_handlers(folder: str) -> Tuple[List[str], List[Problem]]:
+def check_handlers(folder: str, environ: Optional[Dict[str, str]] = None) -> Tuple[List[str], List[Problem]]:
     """Load every handler in `folder` as the server would: (handler names that are fine, problems found)."""
     problems: List[Problem] = []
     good: List[str] = []
@@ -1993,7 +2536,7 @@ def check_handlers(folder: str) -> Tuple[List[str], List[Problem]]:
         return good, [Problem(folder, "is a file, not a folder: pass the folder your handlers are in")]
     if not os.path.isdir(folder):
         return good, [Problem(folder, "the handlers folder does not exist (create it, or pass --handlers DIR)")]
-    registry = Registry(folder, 60.0, log=logging.getLogger("wabhook.check"))
+    registry = Registry(folder, 60.0, log=logging.getLogger("wabhook.check"), environ=environ)
     registry.log.disabled = True  # the problems are printed, not logged
     registry._list(force=True)
     for name, signature in sorted(registry._files.items()):
@@ -4263,7 +4806,7 @@ class Server:
                 raise ServerError("cannot create the handlers folder %s: %s" % (config.handlers, exc)) from None
         self.inbox = Inbox(config.db)
         self.registry = Registry(config.handlers, config.script_timeout, script_environment(config, os.environ),
-                                 self.log)
+                                 self.log, environ=os.environ)
         self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log)
         self.intake = Intake(self.inbox, config, self.log, self.registry.folder_missing, self._stored)
         self.operator = Operator(self)
@@ -4364,6 +4907,7 @@ class Server:
         finished = self.dispatcher.stop(self.config.shutdown_timeout)
         if self.front is not None:
             self.front.stop()
+        self.registry.connections.close()
         self.inbox.close()
         self._release_output()
         self.log.info("stopped; %s", "every running handler finished" if finished
@@ -4647,7 +5191,7 @@ def cmd_samples(config: Config, args, log: logging.Logger) -> int:
 
 
 def cmd_check(config: Config, args, log: logging.Logger) -> int:
-    good, problems = check_handlers(config.handlers)
+    good, problems = check_handlers(config.handlers, os.environ)  # ${VAR}s as the server reads them
     for name in good:
         print("ok       %s" % name)
         if handler_event(name) not in KNOWN_PREFIXES:
