@@ -1733,8 +1733,12 @@ FORWARD_IDLE_PER_TARGET = 16     # idle keep-alive connections kept per (scheme,
 # just as the server closes is lost to a reset (retried once, see ForwardPool.post).
 FORWARD_IDLE_SECONDS = 4.0
 FORWARD_REPLY_CAP = 64 * 1024    # bytes of a target's reply read; a longer one closes its connection
-FORWARD_KEYWORDS = ("url", "header", "secret", "timeout")
-FORWARD_EXAMPLES = {"url": "url https://ingest.example.com/whatsapp",
+FORWARD_KEYWORDS = ("url", "header", "secret", "timeout", "wrap")
+# `wrap NAME`: the body in the envelope an ingest wants instead of as stored. kafka: what a
+# Kafka REST proxy's produce call takes (Confluent REST Proxy v2, Redpanda's HTTP Proxy): one
+# record whose key is the event's chat, so the topic's partitioning keeps each chat in order.
+FORWARD_WRAPS = {"kafka": "application/vnd.kafka.json.v2+json"}
+FORWARD_EXAMPLES = {"wrap": "wrap kafka", "url": "url https://ingest.example.com/whatsapp",
                     "header": "header Authorization: Bearer ${INGEST_TOKEN}",
                     "secret": "secret ${FORWARD_SECRET}", "timeout": "timeout 10"}
 # Headers wabhook writes itself: framing and connection management (a wrong one would
@@ -1761,6 +1765,7 @@ class ForwardTarget:
     headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
     key: Optional[bytes] = field(default=None, repr=False)
     timeout: float = FORWARD_TIMEOUT
+    wrap: Optional[str] = None           # a FORWARD_WRAPS name, or None: the body as stored
 
     @property
     def address(self) -> Tuple[str, str, int]:
@@ -1794,6 +1799,9 @@ def parse_forward_file(text: str, environ: Dict[str, str], name: str = "the .for
     - `secret whsec_<base64>` (optional, once): sign each POST with Standard
       Webhooks (webhook-id, webhook-timestamp, webhook-signature).
     - `timeout` (optional, once): 10, 2.5, 500ms ...; capped by --script-timeout.
+    - `wrap kafka` (optional, once): send {"records": [{"key": CHAT, "value": EVENT}]}
+      with Content-Type application/vnd.kafka.json.v2+json, as a Kafka REST proxy's
+      POST /topics/NAME takes it.
     - A `#` at the start of a line or after a space starts a comment; blank lines
       are skipped; a keyword is separated from its value by spaces.
     - `${NAME}` in a value is replaced by the environment variable NAME of the
@@ -1804,7 +1812,8 @@ def parse_forward_file(text: str, environ: Dict[str, str], name: str = "the .for
     file changes; the variables come from its environment as it started, so a
     new value of one takes a restart (a process's environment cannot change).
     """
-    url_line = secret_line = timeout_line = None
+    url_line = secret_line = timeout_line = wrap_line = None
+    wrap: Optional[str] = None
     parts: Optional[urllib.parse.SplitResult] = None
     headers: List[Tuple[str, str]] = []
     key: Optional[bytes] = None
@@ -1818,12 +1827,12 @@ def parse_forward_file(text: str, environ: Dict[str, str], name: str = "the .for
         where = "%s line %d" % (name, number)
         if keyword not in FORWARD_KEYWORDS:
             close = difflib.get_close_matches(keyword, FORWARD_KEYWORDS, n=1)
-            raise HandlerLoadError("%s: %r is not a setting%s; a .forward file has url, header, secret and"
-                                   " timeout lines" % (where, keyword[:40], " (did you mean %s?)" % close[0]
+            raise HandlerLoadError("%s: %r is not a setting%s; a .forward file has url, header, secret,"
+                                   " timeout and wrap lines" % (where, keyword[:40], " (did you mean %s?)" % close[0]
                                                          if close else ""))
         if not value:
             raise HandlerLoadError("%s: %s needs a value, as in: %s" % (where, keyword, FORWARD_EXAMPLES[keyword]))
-        earlier = {"url": url_line, "secret": secret_line, "timeout": timeout_line}.get(keyword)
+        earlier = {"url": url_line, "secret": secret_line, "timeout": timeout_line, "wrap": wrap_line}.get(keyword)
         if earlier:
             raise HandlerLoadError("%s: a second %s line (line %d has one): keep one" % (where, keyword, earlier))
         if keyword == "header":
@@ -1848,6 +1857,10 @@ def parse_forward_file(text: str, environ: Dict[str, str], name: str = "the .for
             url_line, parts = number, _forward_url(_substitute(value, environ, where), where)
         elif keyword == "secret":
             secret_line, key = number, _forward_key(_substitute(value, environ, where), where)
+        elif keyword == "wrap":
+            if value not in FORWARD_WRAPS:
+                raise HandlerLoadError("%s: wrap takes %s" % (where, " or ".join(FORWARD_WRAPS)))
+            wrap_line, wrap = number, value
         else:
             timeout_line, timeout = number, _forward_timeout(_substitute(value, environ, where), where)
     if parts is None:
@@ -1861,7 +1874,7 @@ def parse_forward_file(text: str, environ: Dict[str, str], name: str = "the .for
     scheme = parts.scheme.lower()
     return ForwardTarget(scheme=scheme, host=parts.hostname, port=parts.port or (443 if scheme == "https" else 80),
                          target=(parts.path or "/") + ("?" + parts.query if parts.query else ""),
-                         headers=tuple(headers), key=key, timeout=timeout)
+                         headers=tuple(headers), key=key, timeout=timeout, wrap=wrap)
 
 
 def _substitute(value: str, environ: Dict[str, str], where: str) -> str:
@@ -2233,8 +2246,11 @@ class ForwardHandler:
         return cls(name, path, signature, target, timeout, pool)
 
     def run(self, event: Event, body: str, log: logging.Logger) -> None:
-        """POST the event's body as stored; HandlerFailed unless the target answers 2xx in time."""
-        payload = body.encode("utf-8")
+        """POST the event's body as stored (or wrapped); HandlerFailed unless the target answers 2xx in time."""
+        sent = body
+        if self.target.wrap == "kafka":
+            sent = json.dumps({"records": [{"key": lane_of(event.raw, event.bridge), "value": event.raw}]})
+        payload = sent.encode("utf-8")
         status, reply, location = self.pool.post(self.target, payload, self.headers(event, body, payload),
                                                  self.timeout)
         if 200 <= status < 300:
@@ -2250,7 +2266,7 @@ class ForwardHandler:
         headers = list(self.target.headers)
         written = {header_name.lower() for header_name, _value in headers}
         if "content-type" not in written:
-            headers.append(("Content-Type", "application/json"))
+            headers.append(("Content-Type", FORWARD_WRAPS.get(self.target.wrap or "", "application/json")))
         if "user-agent" not in written:
             headers.append(("User-Agent", "wabhook/" + __version__))
         message_id, timestamp = webhook_id(event, body), str(int(time.time()))

@@ -61,7 +61,8 @@ BAD_FILES = [
      " (a space is %20; a host as punycode)"),
     ("url https://example.com/\nhedaer X-Source: wabhook\n",
      "message.forward line 2: 'hedaer' is not a setting (did you mean header?); a .forward file has url,"
-     " header, secret and timeout lines"),
+     " header, secret, timeout and wrap lines"),
+    ("url https://example.com/\nwrap avro\n", "message.forward line 2: wrap takes kafka"),
     ("url https://example.com/\nheader X-Source wabhook\n",
      "message.forward line 2: write a header as header Name: value, with a name of letters, digits and -, as in:"
      " header Authorization: Bearer ${INGEST_TOKEN}"),
@@ -357,6 +358,20 @@ class DeliveryTest(ForwardTestCase):
         self.assertLessEqual(abs(int(headers["webhook-timestamp"]) - time.time()), 5)
         self.assertNotIn("webhook-signature", headers)  # no secret line: not signed
         self.assertEqual(self.deliveries(event_id)["message.forward"][:2], ("done", 1))
+
+    def test_wrap_kafka_sends_one_record_keyed_by_the_chat_as_a_kafka_rest_proxy_takes_it(self):
+        sink = self.sink()
+        self.forward_file("message.forward", sink, "wrap kafka")
+        server = self.start_server()
+        sent = message(message_id="k1")
+        event_id = self.post_ok(server, sent, path="/hook/shop-1")
+        self.wait_status(event_id, "done")
+        [received] = sink.received()
+        self.assertEqual(received.headers["content-type"], "application/vnd.kafka.json.v2+json")
+        self.assertEqual(json.loads(received.body),
+                         {"records": [{"key": wabhook.lane_of(sent, "shop-1"), "value": sent}]})
+        key = wabhook.identity_key(sent, "shop-1")
+        self.assertEqual(received.headers["webhook-id"], "evt_" + hashlib.sha256(key.encode()).hexdigest()[:32])
 
     def test_a_500_is_a_failed_attempt_retried_with_the_same_webhook_id_then_done(self):
         sink = self.sink(fail_first_attempt_of("r1", 500))
