@@ -8,11 +8,15 @@ Baselines (always run, so each figure has a ratio, unless --no-baselines):
 - naive:     bench/naive.py, the same plus one fsync'd SQLite commit per request
 wabhook scenarios (`python wabhook.py serve` in a fresh temp dir per point):
 - hung:      every handler hangs (acks only: the events pile up in the inbox)
+- page:      hung, while one open inbox page polls its API as the page does (each second
+             /api/stats, /api/events and one event's detail); its ratio to hung at the same c
 - noop:      handlers/message.py does nothing: acks/s, deliveries/s, backlog at the end
 - noop-exec: an executable handlers/message.sh that reads stdin: the same figures
 - backlog:   --backlog events pile up behind the hung handler, a hot reload fixes it;
              drain rate, ack p50/p99 at c=16 during the drain, RSS start/peak/end
 - cold:      Popen to the first 200 of a POST, median of 5 starts
+- forward:   --forward-backlog events pile up behind bench/sink.py holding its answers, then
+             drain through handlers/message.forward: events/s, connections, resends
 
 Each point runs --duration seconds at 1, 16 and 64 keep-alive connections
 (--connections) with wrk when installed, else a multi-process stdlib client.
@@ -25,6 +29,7 @@ N times and each figure is the median (min-max). 127.0.0.1 only, bounded in time
 
 import argparse
 import http.client
+import json
 import multiprocessing
 import os
 import queue
@@ -45,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CHATS = 100
 CONNECTIONS = (1, 16, 64)
-SCENARIOS = ("hung", "noop", "noop-exec", "backlog", "cold")
+SCENARIOS = ("hung", "page", "noop", "noop-exec", "backlog", "cold", "forward")
 # The first line of the documented samples (the `message` event); message_id and chat_id
 # are replaced per request.
 SAMPLE = ('{"event":"message","message_id":"ACE41E...","contact_id":"15550001234@s.whatsapp.net",'
@@ -63,6 +68,9 @@ HUNG_HANDLER = ("import os\nimport time\n\n\ndef handle(event):\n"
                 "        time.sleep(0.05)\n")
 NOOP_HANDLER = "def handle(event):\n    pass\n"
 EXEC_HANDLER = "#!/bin/sh\ncat >/dev/null\n"
+# The forward scenario's handlers/message.forward: POST each event to bench/sink.py. The timeout
+# outlasts the pile-up, during which the sink holds the requests in flight.
+FORWARD_FILE = "url http://127.0.0.1:%d/hook\ntimeout 3600\n"
 
 
 STARTED = time.monotonic()
@@ -411,11 +419,13 @@ def baseline_argv(target, tmp):
     return (argv + ["--db", db] if db else argv), db
 
 
-def wabhook_argv(script, tmp, handler, port=0):
+def wabhook_argv(script, tmp, handler, port=0, sink_port=None):
     """Write the scenario's handler into tmp/handlers; the serve command line, and the db."""
     handlers = os.path.join(tmp, "handlers")
     os.makedirs(handlers, exist_ok=True)
-    if handler == "noop-exec":
+    if handler == "forward":
+        write(os.path.join(handlers, "message.forward"), FORWARD_FILE % sink_port)
+    elif handler == "noop-exec":
         path = os.path.join(handlers, "message.sh")
         write(path, EXEC_HANDLER)
         os.chmod(path, 0o755)
@@ -482,12 +492,15 @@ def measure_point(args, generator, target, c, tag):
         if target in ("ceiling", "naive"):
             argv, db = baseline_argv(target, tmp)
         else:
-            argv, db = wabhook_argv(args.wabhook, tmp, scenario)
+            argv, db = wabhook_argv(args.wabhook, tmp, "hung" if scenario == "page" else scenario)
         with Server(argv, tmp, target).start() as server:
             before = inbox(db) if db else None
+            tab = PagePoller(server.port) if scenario == "page" else None
             started = time.monotonic()
             figures = run_load(generator, server.port, c, args.duration, tag)
             elapsed = time.monotonic() - started
+            if tab is not None:
+                figures["polls"] = tab.stop()
             if db:
                 after = inbox(db)
                 check_rows(figures, after, "%s c=%d" % (target, c))
@@ -495,7 +508,7 @@ def measure_point(args, generator, target, c, tag):
                 figures["rss"] = server.memory_mb("VmHWM")
                 figures["backlog"] = after.get("pending", 0) - before.get("pending", 0)
                 figures["dead"] = after.get("dead", 0)
-                if scenario != "hung":
+                if scenario not in ("hung", "page"):
                     figures["deliveries"] = (after.get("done", 0) - before.get("done", 0)) / elapsed
                     # Events in flight (one per connection, one per handler run) are no growth.
                     figures["grew"] = int(figures["backlog"] > c + 100)
@@ -503,6 +516,46 @@ def measure_point(args, generator, target, c, tag):
         return figures
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class PagePoller(threading.Thread):
+    """One open inbox page: every POLL_SECONDS what ui.js asks for, over one keep-alive connection."""
+
+    POLL_SECONDS = 1.0
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port, self.polls, self.failed = port, 0, 0
+        self._stop_event = threading.Event()
+        self.start()
+
+    def run(self):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        newest = None
+        while not self._stop_event.wait(self.POLL_SECONDS):
+            paths = ["/api/stats", "/api/events?limit=50"] + (["/api/events/%d" % newest] if newest else [])
+            try:
+                for path in paths:
+                    connection.request("GET", path)
+                    response = connection.getresponse()
+                    body = response.read()
+                    if response.status != 200:
+                        self.failed += 1
+                    elif path.startswith("/api/events?"):
+                        events = json.loads(body)["events"]
+                        newest = events[0]["id"] if events else None
+                self.polls += 1
+            except (OSError, http.client.HTTPException, ValueError):
+                self.failed += 1
+                connection.close()
+        connection.close()
+
+    def stop(self):
+        self._stop_event.set()
+        self.join(timeout=15)
+        if self.failed:
+            FAILURES.append("the page poller saw %d failed polls" % self.failed)
+        return self.polls
 
 
 class RssSampler(threading.Thread):
@@ -589,6 +642,48 @@ def drain(args, generator, server, db, tmp, tag, figures):
         log("backlog: %d events still pending after %d s" % (figures["left"], args.drain_timeout))
 
 
+def measure_forward(args, generator, tag):
+    """Forwarding: --forward-backlog events pile up in wabhook while bench/sink.py holds the requests
+    in flight, then the sink lets go; the drain rate is events forwarded (and recorded done) per second.
+
+    The sink is the ceiling (ThreadingHTTPServer, keep-alive) in its own process, counting the
+    connections it accepted and the POSTs it answered: more POSTs than events are resends.
+    """
+    tmp = tempfile.mkdtemp(prefix="wabhook-bench-")
+    hold = release_path(tmp)
+    sink_argv = [sys.executable, os.path.join(HERE, "sink.py"), "--port", "0", "--hold", hold]
+    pile_args = argparse.Namespace(**dict(vars(args), backlog=args.forward_backlog))
+    try:
+        with Server(sink_argv, tmp, "sink").start() as sink:
+            argv, db = wabhook_argv(args.wabhook, tmp, "forward", sink_port=sink.port)
+            with Server(argv, tmp, "wabhook forward").start() as server:
+                figures = {}
+                pile_up(pile_args, generator, server, db, tag, figures)
+                before = inbox(db)
+                write(hold, "")
+                started = time.monotonic()
+                deadline = started + args.drain_timeout
+                counts = before
+                while counts.get("pending", 0) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    counts = inbox(db)
+                elapsed = time.monotonic() - started
+                figures.update(forward_rate=(counts.get("done", 0) - before.get("done", 0)) / elapsed,
+                               forward_seconds=elapsed, forward_left=counts.get("pending", 0),
+                               forward_dead=counts.get("dead", 0), forwarded=counts.get("done", 0),
+                               rss_peak=server.memory_mb("VmHWM"))
+            sink.stop()
+            with open(sink.log_path) as handle:
+                match = re.search(r"sink connections=(\d+) requests=(\d+)", handle.read())
+            if match:
+                figures.update(sink_connections=int(match.group(1)), sink_requests=int(match.group(2)))
+        if figures["forward_left"]:
+            log("forward: %d events still pending after %d s" % (figures["forward_left"], args.drain_timeout))
+        return figures
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def measure_cold(args, tag, starts=5):
     """Median over fresh temp dirs of the time from Popen to the first 200 of a POST."""
     times = []
@@ -638,10 +733,12 @@ def first_200(server, port, message_id, started, timeout=10):
 def one_run(args, generator, run):
     """{'points': {(target, c): figures}, 'backlog': figures, 'cold': figures}."""
     targets = [] if args.no_baselines else ["ceiling", "naive"]
-    targets += ["wabhook " + s for s in args.scenario if s in ("hung", "noop", "noop-exec")]
+    targets += ["wabhook " + s for s in args.scenario if s in ("hung", "page", "noop", "noop-exec")]
     points = {}
     for target in targets:
         for c in args.connections:
+            if target == "wabhook page" and c != 16 and 16 in args.connections:
+                continue  # the issue's measure: c=16
             tag = "r%d-%s-c%d" % (run, target.split()[-1], c)
             points[target, c] = figures = measure_point(args, generator, target, c, tag)
             log("  run %d  %-17s c=%-3d %8.0f req/s  p99 %6.1f ms" % (
@@ -653,15 +750,18 @@ def one_run(args, generator, run):
         result["backlog"] = measure_backlog(args, generator, "r%d-backlog" % run)
     if "cold" in args.scenario:
         result["cold"] = measure_cold(args, "r%d-cold" % run)
+    if "forward" in args.scenario:
+        log("  run %d  forward: a backlog of %d events into a local sink ..." % (run, args.forward_backlog))
+        result["forward"] = measure_forward(args, generator, "r%d-forward" % run)
     return result
 
 
 def add_ratios(points):
     """Ratios within the run: the absolute figures swing between runs, the ratios less."""
     for (target, c), figures in points.items():
-        for base in ("ceiling", "naive"):
+        for base in ("ceiling", "naive", "wabhook hung"):
             if (base, c) in points:
-                figures["x_" + base] = figures["rps"] / points[base, c]["rps"]
+                figures["x_" + base.split()[-1]] = figures["rps"] / points[base, c]["rps"]
 
 
 def spread(values, spec):
@@ -694,6 +794,8 @@ def report(args, generator, runs):
         print("\ncold start (Popen to the first 200 of a POST, median of 5 starts): %s ms"
               " (fastest start %s ms, slowest %s ms)"
               % (col("cold_ms", "{:.0f}"), col("cold_min", "{:.0f}"), col("cold_max", "{:.0f}")))
+    if "forward" in runs[0]:
+        report_forward(column([run["forward"] for run in runs]))
     if FAILURES:
         print("\n" + "\n".join("**%s**" % failure for failure in FAILURES))
 
@@ -723,6 +825,8 @@ def extra(target, col):
         parts.append("dead %s" % col("dead", "{:,.0f}"))
     if col("rss", "{}"):
         parts.append("RSS peak %s MB" % col("rss", "{:.0f}"))
+    if target == "wabhook page":
+        parts.append("%s polls; %s the acks of hung" % (col("polls", "{:.0f}"), col("x_hung", "{:.3f}x")))
     if target.startswith("wabhook") and col("x_naive", "{}"):
         parts.append("%s naive" % col("x_naive", "{:.2f}x"))
     if col.total("row_fail"):
@@ -750,6 +854,17 @@ def report_backlog(col, args):
     print("  rows vs 200s: %s" % ("**FAIL in %d run(s)**" % failed if failed else "ok"))
 
 
+def report_forward(col):
+    print("\nforward: %s events piled up behind a sink holding its answers (handlers/message.forward,"
+          " keep-alive, bench/sink.py)" % col("piled", "{:,.0f}"))
+    print("  the sink lets go: forwarded at %s events/s (%s s until none pending; still pending %s, dead %s;"
+          " RSS peak %s MB)" % (col("forward_rate", "{:,.0f}"), col("forward_seconds", "{:.1f}"),
+                                col("forward_left", "{:,.0f}"), col("forward_dead", "{:,.0f}"),
+                                col("rss_peak", "{:.0f}")))
+    print("  the sink accepted %s connections and answered %s POSTs for %s events done"
+          % (col("sink_connections", "{:,.0f}"), col("sink_requests", "{:,.0f}"), col("forwarded", "{:,.0f}")))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -764,6 +879,7 @@ def parse_args(argv=None):
     add("--backlog", type=int, default=100000, help="events piled up (default 100000)")
     add("--pile-timeout", type=int, default=300, help="most seconds to pile up the backlog")
     add("--drain-timeout", type=int, default=300, help="most seconds to drain it")
+    add("--forward-backlog", type=int, default=10000, help="events piled up for the forward scenario (10000)")
     add("--no-baselines", action="store_true", help="skip the ceiling and naive servers")
     add("--fallback", action="store_true", help="the stdlib client even if wrk is installed")
     args = parser.parse_args(argv)
