@@ -1560,8 +1560,8 @@ class PythonHandler:
 
     form = "python"  # what kind of handler (python, script, forward): only a Python run cannot be killed
 
-    def __init__(self, name: str, path: str, signature, module: types.ModuleType, timeout: float):
-        self.name, self.path, self.signature, self.module, self.timeout = name, path, signature, module, timeout
+    def __init__(self, name: str, path: str, signature, module: types.ModuleType):
+        self.name, self.path, self.signature, self.module = name, path, signature, module
         self.is_async = inspect.iscoroutinefunction(module.handle)
         try:  # handle(event, body=None) also gets the event's JSON text exactly as received
             self.wants_body = "body" in inspect.signature(module.handle).parameters
@@ -1569,7 +1569,7 @@ class PythonHandler:
             self.wants_body = False
 
     @classmethod
-    def load(cls, name: str, path: str, timeout: float = 60.0) -> "PythonHandler":
+    def load(cls, name: str, path: str) -> "PythonHandler":
         source, signature = _read_settled(path)
         module_name = "wabhook_handler_" + re.sub(r"\W", "_", name[:-3])
         module = types.ModuleType(module_name)
@@ -1594,13 +1594,13 @@ class PythonHandler:
             raise HandlerLoadError("its handle() must take one argument, the event: def handle(event):") from None
         except ValueError:
             pass  # no signature to inspect (a builtin): trust it
-        return cls(name, path, signature, module, timeout)
+        return cls(name, path, signature, module)
 
-    def run(self, event: Event, body: str, log: logging.Logger) -> None:
+    def run(self, event: Event, body: str, context: "RunContext") -> None:
         """Call handle(event) (awaited if async); what it raises is the run's failure."""
         arguments = {"body": body} if self.wants_body else {}
         if self.is_async:  # async def handle(event): run to completion, within --script-timeout
-            asyncio.run(asyncio.wait_for(self.module.handle(event, **arguments), self.timeout))
+            asyncio.run(asyncio.wait_for(self.module.handle(event, **arguments), context.timeout))
         else:
             self.module.handle(event, **arguments)
 
@@ -1610,22 +1610,22 @@ class ScriptHandler:
 
     form = "script"
 
-    def __init__(self, name: str, path: str, signature, timeout: float, processes: set, environment: dict):
-        self.name, self.path, self.signature, self.timeout = name, path, signature, timeout
-        self.processes, self.environment = processes, environment
+    def __init__(self, name: str, path: str, signature):
+        self.name, self.path, self.signature = name, path, signature
 
-    def run(self, event: Event, body: str, log: logging.Logger) -> Tuple[int, str]:
+    def run(self, event: Event, body: str, context: "RunContext") -> Tuple[int, str]:
         """Run the script on one event: (exit status, output); HandlerFailed unless it exits 0 in time."""
-        env = dict(self.environment, WABHOOK_EVENT=event.event, WABHOOK_ID=str(event.id),
+        env = dict(context.environment, WABHOOK_EVENT=event.event, WABHOOK_ID=str(event.id),
                    WABHOOK_BRIDGE=event.bridge or "")
+        log, timeout = context.log, context.timeout
         process = self._start(env)
-        self.processes.add(process)
+        context.processes.add(process)
         output = _OutputReader(process.stdout)
         feeder = threading.Thread(target=_feed_stdin, args=(process.stdin, body.encode("utf-8")), daemon=True)
         feeder.start()
         timed_out = False
         try:
-            process.wait(timeout=self.timeout)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
@@ -1633,7 +1633,7 @@ class ScriptHandler:
             # (they would also hold its output pipe open).
             _kill_group(process.pid)
             process.wait()
-            self.processes.discard(process)
+            context.processes.discard(process)
             output.join(timeout=5)
         text = output.text()
         if text:
@@ -1643,7 +1643,7 @@ class ScriptHandler:
                 log.warning("%s printed %d more bytes (not logged)", self.name, output.dropped,
                             extra={"handler": self.name, "event_id": event.id})
         if timed_out:
-            raise HandlerFailed("timed out after %gs; its process group was killed" % self.timeout,
+            raise HandlerFailed("timed out after %gs; its process group was killed" % timeout,
                                 process.returncode, text)
         if process.returncode != 0:
             tail = text.strip().splitlines()[-1:] if text.strip() else []
@@ -2238,25 +2238,23 @@ class ForwardHandler:
 
     form = "forward"  # what kind of handler (python, script, forward); was `kind` before commit 7356d58
 
-    def __init__(self, name: str, path: str, signature, target: ForwardTarget, timeout: float, pool: ForwardPool):
+    def __init__(self, name: str, path: str, signature, target: ForwardTarget):
         self.name, self.path, self.signature, self.target = name, path, signature, target
-        self.timeout = min(target.timeout, timeout)  # the file's, within --script-timeout
-        self.pool = pool
 
     @classmethod
-    def load(cls, name: str, path: str, environ: Dict[str, str], timeout: float,
-             pool: ForwardPool) -> "ForwardHandler":
+    def load(cls, name: str, path: str, environ: Dict[str, str]) -> "ForwardHandler":
         target, signature = _load_forward_file(name, path, environ)
-        return cls(name, path, signature, target, timeout, pool)
+        return cls(name, path, signature, target)
 
-    def run(self, event: Event, body: str, log: logging.Logger) -> None:
+    def run(self, event: Event, body: str, context: "RunContext") -> None:
         """POST the event's body as stored (or wrapped); HandlerFailed unless the target answers 2xx in time."""
         sent = body
         if self.target.wrap == "kafka":
             sent = json.dumps({"records": [{"key": lane_of(event.raw, event.bridge), "value": event.raw}]})
         payload = sent.encode("utf-8")
-        status, reply, location = self.pool.post(self.target, payload, self.headers(event, body, payload),
-                                                 self.timeout)
+        timeout = min(self.target.timeout, context.timeout)  # the file's, within --script-timeout
+        status, reply, location = context.connections.post(self.target, payload,
+                                                           self.headers(event, body, payload), timeout)
         if 200 <= status < 300:
             return None
         text = _printable(reply.decode("utf-8", "replace").strip(), 200)
@@ -2309,11 +2307,9 @@ class Registry:
     SETTLE_SECONDS. Python helpers (`_*.py`) are re-imported when they change.
     """
 
-    def __init__(self, folder: str, script_timeout: float, script_environment: Optional[dict] = None,
-                 log: Optional[logging.Logger] = None, environ: Optional[Dict[str, str]] = None):
+    def __init__(self, folder: str, log: Optional[logging.Logger] = None,
+                 environ: Optional[Dict[str, str]] = None):
         self.folder = os.path.abspath(folder)
-        self.script_timeout = script_timeout
-        self.script_environment = script_environment or {}
         self.log = log or logging.getLogger("wabhook")
         self._warned: Dict[str, tuple] = {}      # name -> signature of the file last warned about
         self._said_unhandled: set = set()        # event types logged as arriving with no handler
@@ -2325,9 +2321,7 @@ class Registry:
         self._last_seen: Dict[str, float] = {}   # name -> when it was last listed
         self._loaded: Dict[str, object] = {}     # name -> PythonHandler | ScriptHandler | ForwardHandler
         self._helpers: Dict[str, tuple] = {}     # _helper.py -> signature
-        self.processes: set = set()              # running script processes, killed at shutdown
         self.environ = dict(environ or {})       # what ${VAR} in a .forward file reads
-        self.connections = ForwardPool()         # keep-alive connections of the .forward handlers
         make_importable(self.folder)
 
     def _list(self, force: bool = False):
@@ -2469,13 +2463,13 @@ class Registry:
         """A handler object for the file, or HandlerLoadError saying what to fix."""
         path = os.path.join(self.folder, name)
         if name.endswith(".py"):
-            return PythonHandler.load(name, path, self.script_timeout)
+            return PythonHandler.load(name, path)
         if name.endswith(FORWARD_SUFFIX):  # by name, whatever its mode: settings, not a program
-            return ForwardHandler.load(name, path, self.environ, self.script_timeout, self.connections)
+            return ForwardHandler.load(name, path, self.environ)
         problem = script_problem(name, path)
         if problem:
             raise HandlerLoadError("%s %s" % (name, problem))
-        return ScriptHandler(name, path, signature, self.script_timeout, self.processes, self.script_environment)
+        return ScriptHandler(name, path, signature)
 
     def _warn_once(self, name: str, signature, problem: str) -> None:
         """One WARNING for a broken handler, when first seen and after each change of its file."""
@@ -2483,11 +2477,6 @@ class Registry:
             self._warned[name] = signature
             self.log.warning("broken handler %s: %s; its events wait for the fix (%s check says"
                              " the same)", name, problem.rstrip(), _program_name(), extra={"handler": name})
-
-    def kill_running(self) -> None:
-        """Kill the process group of every script still running (shutdown)."""
-        for process in list(self.processes):
-            _kill_group(process.pid)
 
 
 class HandlerOutput:
@@ -2556,7 +2545,7 @@ def check_handlers(folder: str, environ: Optional[Dict[str, str]] = None) -> Tup
         return good, [Problem(folder, "is a file, not a folder: pass the folder your handlers are in")]
     if not os.path.isdir(folder):
         return good, [Problem(folder, "the handlers folder does not exist (create it, or pass --handlers DIR)")]
-    registry = Registry(folder, 60.0, log=logging.getLogger("wabhook.check"), environ=environ)
+    registry = Registry(folder, log=logging.getLogger("wabhook.check"), environ=environ)
     registry.log.disabled = True  # the problems are printed, not logged
     registry._list(force=True)
     for name, signature in sorted(registry._files.items()):
@@ -2613,6 +2602,22 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
+class RunContext:
+    """What a handler run needs besides its event, owned by the dispatcher: the time it may take
+    (--script-timeout), a script's environment, the live script processes (killed at shutdown),
+    the forwarders' keep-alive connections, and the log its output goes to."""
+
+    def __init__(self, timeout: float, environment: Dict[str, str], log: logging.Logger):
+        self.timeout, self.environment, self.log = timeout, environment, log
+        self.processes: set = set()
+        self.connections = ForwardPool()
+
+    def kill_running(self) -> None:
+        """Kill the process group of every script still running (shutdown)."""
+        for process in list(self.processes):
+            _kill_group(process.pid)
+
+
 class _Run:
     """What one worker thread is running now; the watchdog may abandon it."""
 
@@ -2635,8 +2640,9 @@ class Dispatcher:
     """
 
     def __init__(self, config: Config, inbox: Inbox, registry: Registry, metrics: "Metrics",
-                 log: logging.Logger):
+                 log: logging.Logger, script_environment: Optional[Dict[str, str]] = None):
         self.config, self.inbox, self.registry, self.metrics, self.log = config, inbox, registry, metrics, log
+        self.context = RunContext(config.script_timeout, script_environment or {}, log)
         self.owner = "%s:%d:%s" % (socket.gethostname(), os.getpid(), secrets.token_hex(4))
         self._tasks: "queue.Queue[Optional[Claim]]" = queue.Queue()
         self._wake = threading.Event()
@@ -2835,7 +2841,7 @@ class Dispatcher:
                 handler = self.registry.get(run.handler)
                 run.form = handler.form
                 event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id, claim.received_at)
-                result = handler.run(event, claim.body, self.log)
+                result = handler.run(event, claim.body, self.context)
             if result is not None:  # a script: its exit status and output
                 run.exit_status, run.output[:] = result[0], [result[1]]
             return "ok", None, time.monotonic() - started
@@ -2958,7 +2964,7 @@ class Dispatcher:
                                  self._busy, timeout)
             with contextlib.suppress(InboxUnavailable):
                 self.inbox.release_leases(self.owner)
-            self.registry.kill_running()
+            self.context.kill_running()
         for _ in range(self._next_worker):
             self._tasks.put(None)
         return finished
@@ -4835,9 +4841,9 @@ class Server:
             except OSError as exc:
                 raise ServerError("cannot create the handlers folder %s: %s" % (config.handlers, exc)) from None
         self.inbox = Inbox(config.db)
-        self.registry = Registry(config.handlers, config.script_timeout, script_environment(config, os.environ),
-                                 self.log, environ=os.environ)
-        self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log)
+        self.registry = Registry(config.handlers, self.log, environ=os.environ)
+        self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log,
+                                     script_environment(config, os.environ))
         self.intake = Intake(self.inbox, config, self.log, self.registry.folder_missing, self._stored)
         self.operator = Operator(self)
         self.front: Optional[HTTPFront] = None
@@ -4937,7 +4943,7 @@ class Server:
         finished = self.dispatcher.stop(self.config.shutdown_timeout)
         if self.front is not None:
             self.front.stop()
-        self.registry.connections.close()
+        self.dispatcher.context.connections.close()
         self.inbox.close()
         self._release_output()
         self.log.info("stopped; %s", "every running handler finished" if finished

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import http.server
 import json
+import logging
 import os
 import re
 import socket
@@ -169,8 +170,13 @@ class ParseTest(unittest.TestCase):
 
     def test_the_timeout_is_capped_by_the_script_timeout(self):
         target = parse("url http://127.0.0.1:1/\ntimeout 30\n")
-        handler = wabhook.ForwardHandler("message.forward", "/nowhere", None, target, 5.0, wabhook.ForwardPool())
-        self.assertEqual(handler.timeout, 5.0)
+        handler = wabhook.ForwardHandler("message.forward", "/nowhere", None, target)
+        context = wabhook.RunContext(5.0, {}, logging.getLogger("test"))
+        asked = []
+        context.connections.post = lambda target, body, headers, timeout: asked.append(timeout) or (200, b"", None)
+        event = wabhook.parse_event(message(), None, 1, 1.0)
+        handler.run(event, json.dumps(message()), context)
+        self.assertEqual(asked, [5.0])
 
     def test_webhook_id_hashes_the_identity_key_or_else_the_inbox_row(self):
         raw = message(message_id="ABC")
