@@ -35,7 +35,6 @@ Handlers import the event types from here: `from wabhook import MessageEvent`.
 """
 
 import argparse
-import asyncio
 import base64
 import binascii
 import collections
@@ -702,6 +701,9 @@ LEASE_SECONDS = 30.0
 # long enough for a monitor polling every 30 s to see a full disk.
 FAILED_COMMIT_MEMORY = 60.0
 FANOUT_BATCH = 500
+# How long a write waits for another process's write lock (a CLI command, a second server)
+# before it fails: an event then gets 503, a handler's outcome is kept and recorded later.
+BUSY_TIMEOUT_SECONDS = 2.0
 FILE_CHECK_SECONDS = 0.5  # how often the writer makes sure the inbox file is still the one it opened
 FOLDER_CHECK_SECONDS = 0.25  # how stale the HTTP front's view of the handlers folder's existence may be
 SQL_ROWS = 100  # rows per multi-row statement: 6 values each stay under SQLite's 999 variables
@@ -781,8 +783,9 @@ class Inbox:
     wait for a write, and a slow count never holds up an ack.
     """
 
-    def __init__(self, path: str, busy_timeout: float = 2.0):
+    def __init__(self, path: str, busy_timeout: Optional[float] = None):
         self.path = path
+        busy_timeout = BUSY_TIMEOUT_SECONDS if busy_timeout is None else busy_timeout
         self._lock = threading.Lock()           # held by the writer while it commits a batch
         self._queued = threading.Condition(threading.Lock())  # guards _queue and _closing
         self._queue: List[_Write] = []
@@ -1600,6 +1603,7 @@ class PythonHandler:
         """Call handle(event) (awaited if async); what it raises is the run's failure."""
         arguments = {"body": body} if self.wants_body else {}
         if self.is_async:  # async def handle(event): run to completion, within --script-timeout
+            import asyncio  # here, not at the top: it costs every start 25 ms, and few handlers are async
             asyncio.run(asyncio.wait_for(self.module.handle(event, **arguments), context.timeout))
         else:
             self.module.handle(event, **arguments)

@@ -79,11 +79,12 @@ class WabhookTestCase(unittest.TestCase):
         logger.propagate = False
 
     def tearDown(self):
+        failures = []  # a server that fails to stop fails the test, once everything else is cleaned up
         for server in self.servers:
             try:
                 server.stop()
-            except Exception:
-                pass
+            except Exception as exc:
+                failures.append(exc)
         for process in self.processes:
             if process.poll() is None:
                 process.kill()
@@ -95,8 +96,22 @@ class WabhookTestCase(unittest.TestCase):
         logger.handlers, level, logger.propagate = self._old_log[0], self._old_log[1], self._old_log[2]
         logger.setLevel(level)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if failures:
+            raise failures[0]
 
     # -- configuration and servers -----------------------------------------
+
+    def shorten(self, **constants):
+        """Set wabhook's timing constants (SETTLE_SECONDS, IDLE_POLL_SECONDS, BUSY_TIMEOUT_SECONDS
+        ...) for this test, restored after it: a test that waits one out need not wait a second.
+
+        Only servers in this process see them; `python wabhook.py` subprocesses keep the real
+        values.
+        """
+        for name, value in constants.items():
+            old = getattr(wabhook, name)  # AttributeError for a misspelt name
+            self.addCleanup(setattr, wabhook, name, old)
+            setattr(wabhook, name, value)
 
     def config(self, **overrides):
         """A Config for this test: loopback, a free port, this temp dir, quick retries."""

@@ -105,12 +105,14 @@ class CliTestCase(WabhookTestCase):
         self.assertNotIn("Traceback", result.stderr)
         return result
 
-    def cli_all(self, commands, env=None):
-        """Several `python wabhook.py ...` at once (they are independent); CompletedProcess for each."""
+    def cli_all(self, commands, env=None, envs=None):
+        """Several `python wabhook.py ...` at once (they are independent); CompletedProcess for each.
+        `envs`: one environment a command, added to `env`."""
+        envs = envs or [{}] * len(commands)
         running = [(args, subprocess.Popen([sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE,
                                            stderr=subprocess.PIPE, text=True, cwd=self.tmp,
-                                           env=dict(os.environ, **(env or {}))))
-                   for args in commands]
+                                           env=dict(os.environ, **(env or {}), **extra)))
+                   for args, extra in zip(commands, envs)]
         results = []
         for args, process in running:
             stdout, stderr = process.communicate(timeout=60)
@@ -371,6 +373,7 @@ class ReplayTest(CliTestCase):
         return ids
 
     def test_replay_id_requeues_a_dead_event_and_a_running_server_delivers_it(self):
+        self.shorten(IDLE_POLL_SECONDS=0.1)  # how soon the server sees another process's replay
         self.write_handler("message.py", FAILING_HANDLER)
         server = self.start_server(retries=1)
         event_id = self.post(server, MESSAGE)[1]["id"]
@@ -453,9 +456,10 @@ class UsageAndConfigErrorTest(CliTestCase):
             ([], {"WABHOOK_RETRIES": "many"}, "WABHOOK_RETRIES"),
             ([], {"WABHOOK_ACCESS_LOG": "perhaps"}, "WABHOOK_ACCESS_LOG"),
         ]
-        for flags, env, named in cases:
+        results = self.cli_all([["serve", "--port", "0", "--db", missing_db] + flags for flags, _env, _n in cases],
+                               envs=[env for _flags, env, _named in cases])
+        for (flags, env, named), result in zip(cases, results):
             with self.subTest(flags=flags, env=env):
-                result = self.run_cli("serve", "--port", "0", "--db", missing_db, *flags, env=env)
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertTrue(result.stderr.startswith("error: "), result.stderr)
                 self.assertIn(named, result.stderr)
@@ -602,6 +606,7 @@ class SkippedShownTest(WabhookTestCase):
         doomed = self.write_handler("message.b.py", "def handle(event):\n    pass\n")
         # The handlers of an event run in name order: a.py removes b.py before b's turn.
         self.write_handler("message.a.py", "import os\ndef handle(event):\n    os.remove(%r)\n" % doomed)
+        self.shorten(SETTLE_SECONDS=0.2)  # how long b.py must stay gone to be skipped
         server = self.start_server()
         event_id = self.post(server, MESSAGE)[1]["id"]
         self.wait_status(event_id, "done")

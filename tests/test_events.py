@@ -207,7 +207,13 @@ class LenientParsingTest(WabhookTestCase):
                 with self.subTest(event=event_type, value=value):
                     raw = {name: copy.deepcopy(value) for name in DOCUMENTED[event_type][1]}
                     raw["event"] = event_type
-                    self.parse(raw)
+                    event = self.parse(raw)
+                    for name, kind in DOCUMENTED[event_type][1].items():  # each field typed, or as sent
+                        held = getattr(event, name)
+                        if value is None:
+                            self.assertEqual((held, type(held)), (EMPTY[kind], kind), name)
+                        elif type(held) is not kind:
+                            self.assertEqual(held, value, name)
 
     def test_malformed_events_reach_handlers_typed_and_coerced(self):
         self.write_handler("all.py", '''
@@ -322,7 +328,14 @@ class IdentityKeyTest(WabhookTestCase):
                 with self.subTest(event=event_type, value=value):
                     raw = {name: value for name in DOCUMENTED[event_type][1]}
                     raw["event"] = event_type
-                    wabhook.identity_key(raw, "b")
+                    key = wabhook.identity_key(raw, "b")
+                    if event_type in self.KEYLESS:
+                        self.assertIsNone(key)
+                    elif key is not None:  # a key the inbox can store, the same for the same event
+                        self.assertIsInstance(key, str)
+                        key.encode("utf-8")
+                        self.assertEqual(wabhook.identity_key(copy.deepcopy(raw), "b"), key)
+                        self.assertNotEqual(wabhook.identity_key(raw, "other"), key)
 
 
 class LaneTest(WabhookTestCase):
@@ -401,3 +414,31 @@ def handle(event):
         self.assertTrue(unknown["is_unknown"] and unknown["isinstance_event"], unknown)
         self.assertFalse(unknown["isinstance_message"])
         self.assertEqual(self.terminate(process, signal.SIGTERM), 0)
+
+
+TYPED_RECORD_HANDLER = '''
+import json, os
+def handle(event):
+    with open(os.path.join(%(tmp)r, "seen"), "a") as out:
+        out.write(json.dumps([event.id, event.event, type(event).__name__, event.bridge]) + "\\n")
+'''
+
+
+class SamplesEndToEndTest(WabhookTestCase):
+    """Every documented sample through a real server into a handler, typed."""
+
+    def test_every_sample_is_acked_stored_and_handled_as_its_type(self):
+        self.write_handler("all.py", TYPED_RECORD_HANDLER % {"tmp": self.tmp})
+        server = self.start_server()
+        ids = []
+        for sample in load_samples():
+            status, reply = self.post(server, sample, path="/hook/bridge-1")
+            self.assertEqual(status, 200, reply)
+            self.assertEqual(reply["duplicate"], False)
+            ids.append(reply["id"])
+        wait_until(lambda: len(self.read_lines("seen")) == 11, message="11 handled events")
+        seen = {row[0]: row for row in map(json.loads, self.read_lines("seen"))}
+        for event_id, sample in zip(ids, load_samples()):
+            self.assertEqual(seen[event_id][1], sample["event"])
+            self.assertEqual(seen[event_id][2], wabhook.EVENT_CLASSES[sample["event"]].__name__)
+            self.assertEqual(seen[event_id][3], "bridge-1")

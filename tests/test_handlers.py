@@ -277,7 +277,7 @@ echo $! > "%(tmp)s/child.pid.tmp" && mv "%(tmp)s/child.pid.tmp" "%(tmp)s/child.p
 echo $$ > "%(tmp)s/script.pid.tmp" && mv "%(tmp)s/script.pid.tmp" "%(tmp)s/script.pid"
 sleep 300
 ''' % {"tmp": self.tmp})
-        server = self.start_server(script_timeout=2, retries=1)
+        server = self.start_server(script_timeout=1, retries=1)
         event_id = self.post_ok(server, SAMPLE)
         wait_until(lambda: self.read_lines("child.pid") and self.read_lines("script.pid"),
                    message="the script to start its background child")
@@ -413,11 +413,12 @@ class HotReloadTest(HandlersTestCase):
         self.saves_during_a_burst(save)
 
     def test_handler_briefly_missing_during_a_git_pull_still_gets_the_event(self):
+        self.shorten(SETTLE_SECONDS=0.5)  # the file must be back within it
         path = self.write_handler("message.py", self.versioned("old"))
         server = self.start_server()
         first = self.post_ok(server, message(1))
         self.wait_status(first, "done")
-        time.sleep(1.2)  # the scenario: a server idle for over a second when the pull starts
+        time.sleep(1.2 * wabhook.SETTLE_SECONDS)  # the scenario: the server idle longer than that
         os.remove(path)  # git replaces a changed file by unlinking it and creating it anew
         second = self.post_ok(server, message(2))
         wait_until(lambda: self.query("SELECT dispatched FROM events WHERE id = ?", (second,)) == [(1,)],
@@ -440,6 +441,7 @@ class HotReloadTest(HandlersTestCase):
                                              second: ["message.new.py", "message.new.sh", "message.py"]})
 
     def test_deleted_handler_gets_no_later_events(self):
+        self.shorten(SETTLE_SECONDS=0.2)  # how long a deleted file stays gone to count as removed
         self.write_handler("message.py", RECORD % {"tmp": self.tmp, "name": "message.py"})
         gone = self.write_handler("message.gone.py", RECORD % {"tmp": self.tmp, "name": "message.gone.py"})
         server = self.start_server()
@@ -614,10 +616,12 @@ class OneDefinitionTest(HandlersTestCase):
         blocks = dict(re.findall(r"^problem\s+(\S+): (.*?)(?=^problem|^\d+ handlers)", result.stdout, re.M | re.S))
         server = self.start_server(retries=3, retry_delay=0.05)
         samples = {sample["event"]: sample for sample in load_samples()}
+        posted = {name: self.post_ok(server, samples[handler_event(name)])  # failing side by side
+                  for name, *_rest in BROKEN_HANDLERS}
         for name, _source, _executable, sentence in BROKEN_HANDLERS:
             with self.subTest(handler=name):
                 self.assertIn(sentence, blocks.get(name, ""), result.stdout)
-                event_id = self.post_ok(server, samples[handler_event(name)])
+                event_id = posted[name]
                 self.wait_status(event_id, "dead")  # retried like any failure, never done
                 status, attempts, error = self.deliveries(event_id)[name]
                 self.assertEqual((status, attempts), ("dead", 3))

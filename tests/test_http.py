@@ -290,7 +290,7 @@ class StatusCodeTest(HttpTestCase):
         self.assertEqual(self.raw(server, head + chunked(fitting[:50], fitting[50:]))[0], 200)
 
     def test_stalled_body_is_408_after_the_timeout(self):
-        server = self.start_server(timeout=0.5)
+        server = self.start_server(timeout=0.2)
         mark = self.mark()
         response = self.raw(server, b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                             % (len(EVENT), EVENT[:10]))
@@ -618,7 +618,7 @@ class ConnectionTest(HttpTestCase):
         self.assertEqual(self.event_count(), 50)
 
     def test_idle_keepalive_connection_is_closed_after_the_timeout(self):
-        server = self.start_server(timeout=0.5)
+        server = self.start_server(timeout=0.2)
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         try:
             sock.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(EVENT), EVENT))
@@ -877,8 +877,13 @@ class TlsTest(HttpTestCase):
 
 
 def closed_by_server(sockets, wait=0.5):
-    """The sockets the server closed: readable within `wait`, and at their end."""
-    return [sock for sock in sockets if select.select([sock], [], [], wait)[0] and sock.recv(1) == b""]
+    """The sockets the server closed: readable within `wait` (one for all), and at their end."""
+    deadline, readable = time.monotonic() + wait, set()
+    while len(readable) < len(sockets) and time.monotonic() < deadline:
+        ready = select.select([sock for sock in sockets if sock not in readable], [], [],
+                              max(0.0, deadline - time.monotonic()))[0]
+        readable.update(ready)
+    return [sock for sock in sockets if sock in readable and sock.recv(1) == b""]
 
 
 class ConnectionLimitTest(HttpTestCase):
@@ -979,3 +984,26 @@ class DescriptorExhaustionTest(HttpTestCase):
         self.assertEqual(status, 200, reply)
         self.assertEqual(self.process_log(process).count("cannot accept connections"), 1)
         self.assertIsNone(process.poll())
+
+
+class ErrorReplyTest(WabhookTestCase):
+    """Bad requests: a status code and a JSON error, and the server keeps serving."""
+
+    def test_bad_requests_get_status_and_json_error(self):
+        server = self.start_server(max_body=100)
+        cases = [
+            ("POST", "/hook", b"{nope", 400, "bad_json"),
+            ("POST", "/hook", b"[1, 2]", 400, "not_an_object"),
+            ("POST", "/hook", b'{"event": ""}', 400, "missing_event"),
+            ("POST", "/hook/bad<label>", b'{"event": "x"}', 404, "bad_bridge"),
+            ("POST", "/elsewhere", b'{"event": "x"}', 404, "not_found"),
+            ("GET", "/hook", None, 405, "method_not_allowed"),
+            ("POST", "/hook", b'{"event": "message", "body": "' + b"x" * 200 + b'"}', 413, "body_too_large"),
+        ]
+        for method, path, body, expected, code in cases:
+            with self.subTest(path=path, body=body):
+                status, headers, data = self.request(server, method, path, body)
+                self.assertEqual(status, expected)
+                self.assertEqual(headers["content-type"], "application/json")
+                self.assertEqual(json.loads(data)["error"], code)
+        self.assertEqual(self.post(server, {"event": "disconnected"})[0], 200)  # still serving

@@ -118,10 +118,10 @@ class InboxFileTest(WabhookTestCase):
 
     def test_a_dedup_key_lasts_only_its_ttl(self):
         inbox = self.open_inbox()
-        first = self.commit(inbox, message("A"), key="short", ttl=1.0)[0]
-        self.assertEqual(self.commit(inbox, message("A"), key="short", ttl=1.0), (first, True))
+        first = self.commit(inbox, message("A"), key="short", ttl=0.3)[0]
+        self.assertEqual(self.commit(inbox, message("A"), key="short", ttl=0.3), (first, True))
         again = wait_until(lambda: (lambda r: r if not r[1] else None)(
-            self.commit(inbox, message("A"), key="short", ttl=1.0)), message="the key to expire")
+            self.commit(inbox, message("A"), key="short", ttl=0.3)), message="the key to expire")
         self.assertNotEqual(again[0], first)
 
     def test_concurrent_commits_get_distinct_ids_and_share_one_id_per_key(self):
@@ -284,7 +284,7 @@ class ServerInboxTest(WabhookTestCase):
         self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(1,)])
 
     def test_an_identity_is_remembered_for_the_retention_and_no_longer(self):
-        server = self.start_server(retention=1.5)
+        server = self.start_server(retention=0.5)
         first = self.post(server, MESSAGE)[1]
         again = self.post(server, MESSAGE)[1]
         self.assertEqual((again["duplicate"], again["id"]), (True, first["id"]))
@@ -354,7 +354,7 @@ class ServerInboxTest(WabhookTestCase):
         self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(5,)])
 
     def test_dedup_window_ends(self):
-        server = self.start_server(dedup_window=1.5)
+        server = self.start_server(dedup_window=0.5)
         body = {"event": "offline_sync_completed", "count": 3}
         first = self.post(server, body)[1]
         self.assertTrue(self.post(server, body)[1]["duplicate"])
@@ -369,6 +369,7 @@ class ServerInboxTest(WabhookTestCase):
         self.assertNotEqual(replies[0]["id"], replies[1]["id"])
 
     def test_locked_inbox_answers_503_not_200_and_accepts_again_once_released(self):
+        self.shorten(BUSY_TIMEOUT_SECONDS=0.2)  # the lock below is held past it
         server = self.start_server()
         locker = sqlite3.connect(self.db, isolation_level=None)
         self.addCleanup(locker.close)
@@ -607,11 +608,12 @@ class AckAfterCommitTest(WabhookTestCase):
         reply = sock.recv(65536)
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
         event_id = json.loads(reply.partition(b"\r\n\r\n")[2])["id"]
-        self.assertEqual(self.query("SELECT id FROM events"), [(event_id,)])
+        self.assertEqual(self.query("SELECT id, event, body FROM events"), [(event_id, "message", body.decode())])
 
 
 class LostFilesTest(WabhookTestCase):
     def test_a_deleted_inbox_file_turns_posts_and_healthz_into_503_within_a_second(self):
+        self.shorten(FILE_CHECK_SECONDS=0.1)  # how often the writer looks at the file
         server = self.start_server()
         self.assertEqual(self.post(server, message("before"))[0], 200)
         os.remove(self.db)
@@ -624,6 +626,8 @@ class LostFilesTest(WabhookTestCase):
         self.assertTrue(any("deleted or replaced" in line for line in self.log.messages()), self.log.messages())
 
     def test_while_the_handlers_folder_is_gone_posts_get_503_and_stored_events_wait_undone(self):
+        # Waits out SETTLE_SECONDS below; the dispatcher looks at the folder often meanwhile.
+        self.shorten(SETTLE_SECONDS=0.3, IDLE_POLL_SECONDS=0.05)
         self.write_handler("message.py", "def handle(event):\n    open(%r, 'a').write('%%d\\n' %% event.id)\n"
                            % self.out_path("seen"))
         server = self.start_server()
@@ -647,7 +651,8 @@ class LostFilesTest(WabhookTestCase):
                    message="a log line about the missing folder")
         ids = waiting
         self.assertEqual(self.request(server, "GET", "/healthz")[0], 503)
-        deadline = time.monotonic() + 1.5  # past SETTLE_SECONDS, when a missing file counts as deleted
+        # Past SETTLE_SECONDS, when a missing file counts as deleted.
+        deadline = time.monotonic() + 1.5 * wabhook.SETTLE_SECONDS
         while time.monotonic() < deadline:
             self.assertEqual([self.event_status(event_id) for event_id in ids], ["pending"] * 2)
             time.sleep(0.05)
@@ -660,3 +665,26 @@ class LostFilesTest(WabhookTestCase):
         self.assertEqual(sorted(seen), sorted([first] + ids + accepted + [later]))  # each once
         self.assertEqual([event_id for event_id in seen if event_id in ids], ids)  # in order in their chat
         self.assertEqual(self.request(server, "GET", "/healthz")[0], 200)
+
+
+TYPED_RECORD_HANDLER = '''
+import json, os
+def handle(event):
+    with open(os.path.join(%(tmp)r, "seen"), "a") as out:
+        out.write(json.dumps([event.id, event.event, type(event).__name__, event.bridge]) + "\\n")
+'''
+
+
+class DuplicateDeliveryTest(WabhookTestCase):
+    """A duplicate is acknowledged and stored once: its handlers run once."""
+
+    def test_duplicate_message_is_acked_but_not_redelivered(self):
+        self.write_handler("message.py", TYPED_RECORD_HANDLER % {"tmp": self.tmp})
+        server = self.start_server()
+        first = self.post(server, load_samples()[0])[1]
+        self.wait_status(first["id"], "done")
+        status, second = self.post(server, load_samples()[0])
+        self.assertEqual((status, second["duplicate"], second["id"]), (200, True, first["id"]))
+        third = self.post(server, load_samples()[1])[1]  # a later event, to know the queue moved on
+        self.wait_status(third["id"], "done")
+        self.assertEqual(len(self.read_lines("seen")), 1)

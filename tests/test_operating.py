@@ -9,6 +9,7 @@ a real `python wabhook.py serve` process and its stderr.
 import http.client
 import json
 import math
+import os
 import re
 import socket
 import sqlite3
@@ -25,10 +26,12 @@ LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"')
 SAMPLE_LINE = re.compile(r"(%s)(?:\{(.*)\})? (\S+)(?: (-?\d+))?" % METRIC_NAME)
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
-# A handler that waits (bounded) for a file before returning, so its event stays pending meanwhile.
+# A handler that says it started, then waits (bounded) for a file before returning, so its event
+# stays pending meanwhile.
 BLOCKING_HANDLER = '''
 import os, time
 def handle(event):
+    open(%(started)r, "w").close()
     started = time.time()
     while not os.path.exists(%(release)r) and time.time() - started < 30:
         time.sleep(0.01)
@@ -230,7 +233,9 @@ class PrometheusParserTest(WabhookTestCase):
 class HealthzTest(WabhookTestCase):
     def test_healthz_needs_no_token_and_reports_version_uptime_pending_and_dead(self):
         release = self.out_path("release")
-        self.write_handler("typing.py", BLOCKING_HANDLER % {"release": release, "least": 0.0})
+        started = self.out_path("started")
+        self.write_handler("typing.py", BLOCKING_HANDLER % dict(release=release, started=started,
+                                                                least=0.0))
         self.write_handler("connected.py", FAILING_HANDLER)
         before_start = time.time()
         server = self.start_server(token="s3cret", retries=1)
@@ -240,6 +245,8 @@ class HealthzTest(WabhookTestCase):
         self.wait_status(dead_id, "dead")
         wait_until(lambda: self.query("SELECT status FROM deliveries WHERE event_id = ?", (pending_id,))
                    == [("running",)], message="the typing handler to be running")
+        # Claimed is not yet running: the worker counts a run from when it takes the claim.
+        wait_until(lambda: os.path.exists(started), message="the typing handler to start")
 
         status, headers, data = self.request(server, "GET", "/healthz")
         self.assertEqual(status, 200, data)
@@ -260,6 +267,7 @@ class HealthzTest(WabhookTestCase):
         self.assertEqual((health["pending"], health["dead"], health["running"]), (0, 1, 0))
 
     def test_healthz_answers_503_while_the_inbox_is_locked_and_200_after(self):
+        self.shorten(BUSY_TIMEOUT_SECONDS=0.2)  # the lock below is held past it
         server = self.start_server()
         self.assertEqual(self.request(server, "GET", "/healthz")[0], 200)
         blocker = sqlite3.connect(self.db, timeout=5, isolation_level=None)
@@ -296,7 +304,9 @@ class MetricsTest(WabhookTestCase):
         release = self.out_path("release")
         self.write_handler("message.py", "def handle(event):\n    pass\n")
         self.write_handler("message.bad.py", FAILING_HANDLER)
-        self.write_handler("typing.py", BLOCKING_HANDLER % {"release": release, "least": 0.3})
+        self.write_handler("typing.py", BLOCKING_HANDLER % dict(release=release,
+                                                                started=self.out_path("started"),
+                                                                least=0.3))
         server = self.start_server(retries=2)
         first = self.post(server, dict(MESSAGE, message_id="M1"))[1]
         second = self.post(server, dict(MESSAGE, message_id="M2"))[1]
