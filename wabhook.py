@@ -83,8 +83,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 __version__ = "0.1.0"
 
 ALL_EVENTS = "all"  # handler prefix that receives every event, unknown types included
-FORWARD_SUFFIX = ".forward"  # `<event>[.<label>].forward`: a handler that POSTs the event on (see ForwardHandler)
-SCRIPT_EVENT_VARIABLES = ("WABHOOK_EVENT", "WABHOOK_ID", "WABHOOK_BRIDGE")  # what a script is told of its event
+# `<event>[.<label>].forward`: a handler that POSTs the event on (see ForwardHandler)
+FORWARD_SUFFIX = ".forward"
+# what a script is told of its event
+SCRIPT_EVENT_VARIABLES = ("WABHOOK_EVENT", "WABHOOK_ID", "WABHOOK_BRIDGE")
 
 BRIDGE_LABEL = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -96,31 +98,47 @@ OPTIONS = (
     Option("host", "0.0.0.0", "str", "address to listen on"),
     Option("port", 3000, "port", "TCP port to listen on (0 picks a free one)"),
     Option("path", "/hook", "urlpath", "URL path that receives events; <path>/<bridge> too"),
-    Option("db", "./wabhook.db", "str", "SQLite file holding the inbox, dedup keys and delivery state"),
+    Option("db", "./wabhook.db", "str", "SQLite file holding the inbox, dedup keys and "
+                                        "delivery state"),
     Option("handlers", "./handlers", "str", "folder of handler files"),
     Option("workers", 8, "count", "handler runs at the same time"),
     Option("retries", 5, "count", "attempts per handler before an event is dead-lettered"),
-    Option("retry_delay", "5s", "duration", "delay before the first retry; doubles each attempt (with jitter)"),
-    Option("script_timeout", "60s", "duration", "a handler run longer than this fails (scripts are killed)"),
-    Option("script_env", None, "names", "more environment variables passed on to scripts (comma-separated"
-           " names); scripts always get PATH, HOME, LANG, TZ and the WABHOOK_ event variables, nothing else"),
-    Option("shutdown_timeout", "10s", "duration", "on SIGTERM, how long running handlers may finish"),
+    Option("retry_delay", "5s", "duration", "delay before the first retry; doubles each attempt "
+                                            "(with jitter)"),
+    Option("script_timeout", "60s", "duration", "a handler run longer than this fails "
+                                                "(scripts are killed)"),
+    Option("script_env", None, "names", "more environment variables passed on to scripts "
+                                        "(comma-separated"
+           " names); scripts always get PATH, HOME, LANG, TZ and the WABHOOK_ event "
+           "variables, nothing else"),
+    Option("shutdown_timeout", "10s", "duration", "on SIGTERM, how long running "
+                                                  "handlers may finish"),
     Option("timeout", "30s", "duration", "idle or slow HTTP connections are closed after this"),
-    Option("max_connections", 1000, "count", "open HTTP connections at most; at the limit the idlest"
-           " keep-alive one is closed to make room, else the slowest request (over 0.25 s), else a new one is refused"),
+    Option("max_connections", 1000, "count", "open HTTP connections at most; at the "
+                                             "limit the idlest"
+           " keep-alive one is closed to make room, else the slowest request (over 0.25 s), else a "
+           "new one is refused"),
     Option("max_body", "1MiB", "size", "largest accepted request body"),
-    Option("max_inflight", "64MiB", "size", "request body bytes held in memory at once, over all connections;"
-           " past it, bodies still arriving wait (their connections are not read) until others are done"),
+    Option("max_inflight", "64MiB", "size", "request body bytes held in memory at once, over "
+                                            "all connections;"
+           " past it, bodies still arriving wait (their connections are not read) until "
+           "others are done"),
     Option("retention", "7d", "duration", "how long dedup keys and delivered events are kept"),
-    Option("dedup_window", "0", "duration", "drop byte-identical events without identity within this window (0: off)"),
-    Option("token", None, "secret", "shared secret every POST must present (?token=, Bearer, Basic password)"),
-    Option("secret", None, "secret", "Standard Webhooks signing secret (whsec_...) to verify signatures"),
+    Option("dedup_window", "0", "duration", "drop byte-identical events without identity within "
+                                            "this window (0: off)"),
+    Option("token", None, "secret", "shared secret every POST must present (?token=, Bearer, "
+                                    "Basic password)"),
+    Option("secret", None, "secret", "Standard Webhooks signing secret (whsec_...) to "
+                                     "verify signatures"),
     Option("tls_cert", None, "str", "certificate file (PEM) to serve HTTPS directly"),
     Option("tls_key", None, "str", "private key file (PEM) for --tls-cert"),
-    Option("log_format", "text", ("text", "json"), "log lines as readable text or one JSON object per line"),
-    Option("log_level", "info", ("debug", "info", "warning", "error"), "least severe log level shown"),
+    Option("log_format", "text", ("text", "json"), "log lines as readable text or one JSON "
+                                                   "object per line"),
+    Option("log_level", "info", ("debug", "info", "warning", "error"), "least severe "
+                                                                       "log level shown"),
     Option("access_log", False, "bool", "log one line per HTTP request"),
-    Option("no_ui", False, "bool", "do not serve the inbox page (/) and its JSON API (/api/); without --token they"
+    Option("no_ui", False, "bool", "do not serve the inbox page (/) and its JSON API (/api/); "
+                                   "without --token they"
            " are served only on a loopback --host"),
 )
 
@@ -139,6 +157,7 @@ def env_name(option_name: str) -> str:
 
 
 def flag_name(option_name: str) -> str:
+    """The command-line flag of a setting: db_path -> --db-path."""
     return "--" + option_name.replace("_", "-")
 
 
@@ -173,14 +192,16 @@ def _whole_number(value, expected: str) -> int:
 
 
 def unknown_settings(environ: Dict[str, str]) -> List[str]:
-    """A warning for each WABHOOK_* variable that is no setting (a typo would otherwise be ignored silently)."""
+    """A warning for each WABHOOK_* variable that is no setting (a typo would otherwise be ignored
+    silently)."""
     known = {env_name(option.name) for option in OPTIONS} | set(SCRIPT_EVENT_VARIABLES)
     warnings = []
     for name in sorted(environ):
         if name.startswith("WABHOOK_") and name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             warnings.append("%s is not a wabhook setting and is ignored%s" % (
-                name, "; did you mean %s?" % close[0] if close else " (see --help for the WABHOOK_ variables)"))
+                name, "; did you mean %s?" % close[0] if close else " (see --help for the "
+                                                                    "WABHOOK_ variables)"))
     return warnings
 
 
@@ -223,7 +244,8 @@ def _convert_option(option: Option, value):
         names = tuple(name for name in re.split(r"[,\s]+", str(value)) if name)
         for name in names:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError("expected environment variable names separated by commas, such as NATS_URL,LANG")
+                raise ValueError("expected environment variable names separated by commas, such as "
+                                 "NATS_URL,LANG")
         return names
     if kind == "urlpath":
         path = str(value).rstrip("/") or "/"
@@ -245,7 +267,8 @@ def _default(name: str):
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of one run, after flags, environment and defaults (written once: in OPTIONS)."""
+    """Every setting of one run, after flags, environment and defaults (written once: in
+    OPTIONS)."""
 
     host: str = _default("host")
     port: int = _default("port")
@@ -293,6 +316,7 @@ def build_config(flags: Dict[str, object], environ: Dict[str, str]) -> Config:
 
 
 def validate_config(config: Config) -> None:
+    """Raise ConfigError, saying what is allowed, if the settings do not go together."""
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     if config.db in ("", ":memory:") or config.db.startswith("file::memory:"):
@@ -300,7 +324,8 @@ def validate_config(config: Config) -> None:
     if config.path in ("/healthz", "/metrics"):
         raise ConfigError("--path %s collides with an operator endpoint" % config.path)
     if not config.no_ui and (config.path in PAGE_FILES or config.path.split("/")[1] == "api"):
-        raise ConfigError("--path %s collides with the inbox page (/, /api/): pick another path, or pass --no-ui"
+        raise ConfigError("--path %s collides with the inbox page (/, /api/): pick another path, "
+                          "or pass --no-ui"
                           % config.path)
     if config.retry_delay <= 0 or config.script_timeout <= 0 or config.timeout <= 0:
         raise ConfigError("--retry-delay, --script-timeout and --timeout must be above 0")
@@ -471,19 +496,25 @@ EMPTY_VALUES = {str: "", int: 0, bool: False, list: ()}
 
 # The sender's documented sample of each event, used by `send` and the tests.
 SAMPLES = {
-    "message": {"event": "message", "message_id": "ACE41E...", "contact_id": "15550001234@s.whatsapp.net",
+    "message": {"event": "message", "message_id": "ACE41E...",
+                "contact_id": "15550001234@s.whatsapp.net",
                 "phone": "15550001234", "chat_id": "15550001234@s.whatsapp.net", "name": "Alice",
-                "body": "Hello!", "type": "text", "media_type": "", "is_group": False, "from_me": False,
+                "body": "Hello!", "type": "text", "media_type": "", "is_group": False,
+                "from_me": False,
                 "timestamp": 1777180605},
     "connected": {"event": "connected", "phone": "15550001234"},
     "disconnected": {"event": "disconnected"},
     "typing": {"event": "typing", "contact_id": "15550001234@s.whatsapp.net",
                "chat_id": "15550001234@s.whatsapp.net", "state": "composing", "mode": "text"},
-    "poll_vote": {"event": "poll_vote", "contact_id": "15550001234@s.whatsapp.net", "phone": "15550001234",
-                  "chat_id": "15550001234@s.whatsapp.net", "poll_id": "ACPOLL0001", "message_id": "ACVOTE0001",
-                  "name": "Alice", "from_me": False, "timestamp": 1777330500, "selected_options": ["Red"]},
+    "poll_vote": {"event": "poll_vote", "contact_id": "15550001234@s.whatsapp.net",
+                  "phone": "15550001234",
+                  "chat_id": "15550001234@s.whatsapp.net", "poll_id": "ACPOLL0001",
+                  "message_id": "ACVOTE0001",
+                  "name": "Alice", "from_me": False, "timestamp": 1777330500,
+                  "selected_options": ["Red"]},
     "event_response": {"event": "event_response", "contact_id": "15550001234@s.whatsapp.net",
-                       "phone": "15550001234", "chat_id": "15550009999@g.us", "event_id": "ACEVENT0001",
+                       "phone": "15550001234", "chat_id": "15550009999@g.us",
+                       "event_id": "ACEVENT0001",
                        "message_id": "ACEVRESP0001", "name": "Alice", "from_me": False,
                        "timestamp": 1777330700, "response": "going", "extra_guest_count": 0},
     "call_incoming": {"event": "call_incoming", "call_id": "ABCDEF123456",
@@ -539,7 +570,8 @@ def parse_event(raw: dict, bridge: Optional[str] = None, event_id: Optional[int]
                 received_at: float = 0.0) -> Event:
     """The typed event for a JSON object. Lenient: never raises for a dict with an `event`."""
     cls = event_class(raw.get("event", ""))
-    values = {name: coerce_field(raw.get(name), field_type) for name, field_type in _payload_fields(cls)}
+    values = {name: coerce_field(raw.get(name), field_type)
+              for name, field_type in _payload_fields(cls)}
     return cls(event=raw.get("event", ""), bridge=bridge, id=event_id, received_at=received_at,
                raw=raw, **values)
 
@@ -551,7 +583,8 @@ def _payload_fields(cls) -> Tuple[Tuple[str, type], ...]:
 
 
 def _text(value) -> str:
-    """A scalar as text for an identity or a lane; anything else (an object, a list) counts as absent."""
+    """A scalar as text for an identity or a lane; anything else (an object, a list) counts as
+    absent."""
     if isinstance(value, (str, int, float)):  # bool is an int
         return str(value)
     return ""
@@ -575,7 +608,8 @@ def identity_key(raw: dict, bridge: Optional[str]) -> Optional[str]:
         required = parts[0]
     elif event_type == "profile_picture_updated":
         remove = raw.get("remove")
-        parts = [_text(raw.get("picture_id")), json.dumps(remove if isinstance(remove, (bool, int, float, str))
+        parts = [_text(raw.get("picture_id")), json.dumps(remove if isinstance(remove, (bool, int,
+                                                                                        float, str))
                                                             else None), _text(raw.get("timestamp"))]
         required = parts[2]
     else:
@@ -595,7 +629,8 @@ def lane_of(raw: dict, bridge: Optional[str]) -> str:
     """
     chat = raw.get("chat_id") or raw.get("contact_id") or ""
     if not isinstance(chat, (str, int, float)):
-        chat = ""  # an object or list is no chat id (and could nest deeper than json.dumps recurses)
+        # an object or list is no chat id (and could nest deeper than json.dumps recurses)
+        chat = ""
     return json.dumps([bridge or "", chat], separators=(",", ":"))  # ASCII whatever the input
 
 
@@ -669,8 +704,10 @@ HEAD_SCAN_ROWS = 256
 # A delivery of an order-holding handler (see holds_chat) is not due while an earlier event of its
 # chat waits for that same handler. Appended to the claim's "due" condition on `deliveries`.
 NOT_HELD = """ AND NOT (handler LIKE '%%%s' AND EXISTS (
-    SELECT 1 FROM deliveries AS earlier WHERE earlier.status = 'pending' AND earlier.lane = deliveries.lane
-    AND earlier.event_id < deliveries.event_id AND earlier.handler = deliveries.handler))""" % FORWARD_SUFFIX
+    SELECT 1 FROM deliveries AS earlier WHERE earlier.status = 'pending'
+    AND earlier.lane = deliveries.lane
+    AND earlier.event_id < deliveries.event_id
+    AND earlier.handler = deliveries.handler))""" % FORWARD_SUFFIX
 DUE_LANE_HEADS = """
 SELECT lane, MIN(event_id) FROM deliveries
 WHERE status = 'pending' AND next_attempt_at <= :now
@@ -704,8 +741,10 @@ FANOUT_BATCH = 500
 # How long a write waits for another process's write lock (a CLI command, a second server)
 # before it fails: an event then gets 503, a handler's outcome is kept and recorded later.
 BUSY_TIMEOUT_SECONDS = 2.0
-FILE_CHECK_SECONDS = 0.5  # how often the writer makes sure the inbox file is still the one it opened
-FOLDER_CHECK_SECONDS = 0.25  # how stale the HTTP front's view of the handlers folder's existence may be
+# how often the writer makes sure the inbox file is still the one it opened
+FILE_CHECK_SECONDS = 0.5
+# how stale the HTTP front's view of the handlers folder's existence may be
+FOLDER_CHECK_SECONDS = 0.25
 SQL_ROWS = 100  # rows per multi-row statement: 6 values each stay under SQLite's 999 variables
 
 
@@ -717,7 +756,8 @@ def _insert_rows(db, insert: str, placeholders: str, rows: List[tuple]) -> None:
     """INSERT many rows with one statement per SQL_ROWS of them (executemany steps once a row,
     each step a round trip through the GIL)."""
     for part in _chunks(rows, SQL_ROWS):
-        db.execute(insert + " " + ",".join([placeholders] * len(part)), [value for row in part for value in row])
+        db.execute(insert + " " + ",".join([placeholders] * len(part)), [value for row in part
+                                                                         for value in row])
 
 
 class _FileLost(Exception):
@@ -755,15 +795,18 @@ class _Write:
 
     __slots__ = ("apply", "event", "done", "result", "error", "wakeup", "on_done")
 
-    def __init__(self, apply: Optional[Callable[[sqlite3.Connection], object]], event: Optional[tuple],
+    def __init__(self, apply: Optional[Callable[[sqlite3.Connection], object]],
+                 event: Optional[tuple],
                  on_done: Optional[Callable[[object, Optional[Exception]], None]] = None):
-        self.apply, self.event = apply, event  # `event`: the columns of an event to store (see _insert_events)
+        # `event`: the columns of an event to store (see _insert_events)
+        self.apply, self.event = apply, event
         self.done, self.result, self.error = False, None, None
         self.on_done = on_done  # called in the writer's thread; else a thread waits on `wakeup`
         self.wakeup = threading.Lock()
         self.wakeup.acquire()
 
     def finish(self) -> None:
+        """Report the outcome: call on_done, or wake the thread waiting for it."""
         if self.on_done is not None:
             self.on_done(self.result, self.error)
         else:
@@ -789,21 +832,25 @@ class Inbox:
         self._lock = threading.Lock()           # held by the writer while it commits a batch
         self._queued = threading.Condition(threading.Lock())  # guards _queue and _closing
         self._queue: List[_Write] = []
-        self._writing = False                   # a batch is being committed (by the writer or flush_here)
+        # a batch is being committed (by the writer or flush_here)
+        self._writing = False
         self._closing = False
         self._writer: Optional[threading.Thread] = None
         self._read_lock = threading.Lock()
-        self._failed_commit: Optional[Tuple[float, str]] = None  # (when, why) of the last event commit, if it failed
+        # (when, why) of the last event commit, if it failed
+        self._failed_commit: Optional[Tuple[float, str]] = None
         self._reader: Optional[sqlite3.Connection] = None
         self._synchronous = ""
         try:
             self._db = self._connect(busy_timeout)
         except sqlite3.Error as exc:
-            raise InboxUnavailable("cannot open the inbox %s: %s (check that its folder exists and is writable,"
+            raise InboxUnavailable("cannot open the inbox %s: %s (check that its folder exists "
+                                   "and is writable,"
                                    " or pass --db)" % (path, exc)) from None
         self._file_identity = _file_identity(path)
         self._file_checked_at = float("-inf")
-        self._writer = threading.Thread(target=self._write_batches, name="wabhook-inbox-writer", daemon=True)
+        self._writer = threading.Thread(target=self._write_batches, name="wabhook-inbox-writer",
+                                        daemon=True)
         self._writer.start()
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -817,7 +864,8 @@ class Inbox:
             raise
 
     def _connect(self, busy_timeout: float) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        return sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                               check_same_thread=False)
 
     def close(self):
         """Commit what is queued, stop the writer, close the file."""
@@ -835,7 +883,8 @@ class Inbox:
         def migrate(db):
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise InboxUnavailable("%s was written by a newer wabhook (schema %d)" % (self.path, version))
+                raise InboxUnavailable("%s was written by a newer wabhook (schema %d)" % (self.path,
+                                                                                          version))
             for ddl in (DDL_EVENTS, DDL_DELIVERIES, DDL_DEDUP) + DDL_INDEXES:
                 db.execute(ddl)
             for table, column, sql_type in ADDED_COLUMNS:
@@ -848,7 +897,8 @@ class Inbox:
 
     def _write(self, apply: Optional[Callable[[sqlite3.Connection], object]] = None,
                event: Optional[tuple] = None):
-        """Run `apply(db)`, or store `event`, in a write transaction grouped with whatever else is queued.
+        """Run `apply(db)`, or store `event`, in a write transaction grouped with whatever else is
+        queued.
 
         Returns its result only after COMMIT. A batch that stores events is
         committed with synchronous=FULL, so an ack survives a power loss;
@@ -903,7 +953,8 @@ class Inbox:
         finally:
             for work in batch:
                 if not work.done:  # only if _commit itself failed
-                    work.error, work.done = InboxUnavailable("inbox %s: the write was not made" % self.path), True
+                    work.error, work.done = InboxUnavailable("inbox %s: the write was not made"
+                                                             % self.path), True
                 work.finish()
             with self._queued:
                 self._writing = False
@@ -911,7 +962,8 @@ class Inbox:
                     self._queued.notify()
 
     def _commit(self, batch: List[_Write]) -> None:
-        """Apply a batch in one transaction. Work that raises is taken out and the rest committed again."""
+        """Apply a batch in one transaction. Work that raises is taken out and the rest committed
+        again."""
         with self._lock:
             while batch:
                 failed = self._try_commit(batch)
@@ -920,7 +972,8 @@ class Inbox:
                     return
 
     def _try_commit(self, batch: List[_Write]) -> List[_Write]:
-        """Commit the batch, or fail it whole (InboxUnavailable); else return the work that raised."""
+        """Commit the batch, or fail it whole (InboxUnavailable); else return the work that
+        raised."""
         db = self._db
         events = [work for work in batch if work.event is not None]
         done: List[Tuple[_Write, object]] = []
@@ -931,7 +984,8 @@ class Inbox:
             db.execute("BEGIN IMMEDIATE")
             try:
                 if events:
-                    done += zip(events, self._insert_events(db, time.time(), [work.event for work in events]))
+                    done += zip(events, self._insert_events(db, time.time(),
+                                                            [work.event for work in events]))
                 for work in batch:
                     if work.event is None:
                         current = [work]
@@ -949,7 +1003,8 @@ class Inbox:
             for work in batch:
                 work.error, work.done = error, True
             return []
-        except BaseException as exc:  # a bug in one piece of work, or InboxUnavailable it raised itself
+        # a bug in one piece of work, or InboxUnavailable it raised itself
+        except BaseException as exc:
             if not current:
                 raise
             for work in current:
@@ -962,7 +1017,8 @@ class Inbox:
         return []
 
     def _check_file(self) -> None:
-        """_FileLost if the inbox file was deleted or replaced since it was opened (looked at twice a second).
+        """_FileLost if the inbox file was deleted or replaced since it was opened (looked at twice
+        a second).
 
         SQLite would go on writing into the unlinked file, and every event
         acknowledged from then on would be gone at the next start.
@@ -976,7 +1032,8 @@ class Inbox:
         except OSError:
             identity = None
         if identity != self._file_identity:
-            raise _FileLost("the file was deleted or replaced while wabhook ran; restart it (events stored"
+            raise _FileLost("the file was deleted or replaced while wabhook ran; restart it "
+                            "(events stored"
                             " since are in the old file, if a process still holds it)")
 
     def _set_synchronous(self, mode: str) -> None:
@@ -1002,14 +1059,16 @@ class Inbox:
                      dedup_key: Optional[str], dedup_ttl: float,
                      on_done: Callable[[Optional[Tuple[int, bool]], Optional[Exception]], None],
                      flush_here: bool = False) -> None:
-        """commit_event() without waiting: on_done(result, error) is called after COMMIT by the writer;
+        """commit_event() without waiting: on_done(result, error) is called after COMMIT by the
+        writer;
         or, with `flush_here`, by the caller's own next flush_here() if the writer is idle then."""
         self._enqueue(_Write(None, (body, event_type, bridge, lane, dedup_key, dedup_ttl), on_done),
                       notify=not flush_here)
 
     @staticmethod
     def _insert_events(db, now: float, events: List[tuple]) -> List[Tuple[int, bool]]:
-        """Store a batch of events, (inbox id, duplicate) for each, in a few statements whatever its size.
+        """Store a batch of events, (inbox id, duplicate) for each, in a few statements whatever its
+        size.
 
         Each statement is a round trip through the GIL, which the threads
         parsing the next requests hold meanwhile: the batch is stored with one
@@ -1019,7 +1078,8 @@ class Inbox:
         keys = [key for _body, _type, _bridge, _lane, key, _ttl in events if key is not None]
         known: Dict[str, int] = {}
         for part in _chunks(keys, SQL_ROWS):
-            known.update(db.execute("SELECT key, event_id FROM dedup WHERE key IN (%s) AND expires_at > ?"
+            known.update(db.execute("SELECT key, event_id FROM dedup WHERE key IN (%s) AND "
+                                    "expires_at > ?"
                                     % ",".join("?" * len(part)), part + [now]))
         next_id = (db.execute("SELECT MAX(id) FROM events").fetchone()[0] or 0) + 1
         results, event_rows, dedup_rows = [], [], []
@@ -1035,7 +1095,8 @@ class Inbox:
             next_id += 1
         _insert_rows(db, "INSERT INTO events (id, received_at, bridge, event, lane, body) VALUES",
                      "(?, ?, ?, ?, ?, ?)", event_rows)
-        _insert_rows(db, "INSERT OR REPLACE INTO dedup (key, event_id, expires_at) VALUES", "(?, ?, ?)", dedup_rows)
+        _insert_rows(db, "INSERT OR REPLACE INTO dedup (key, event_id, expires_at) VALUES",
+                     "(?, ?, ?)", dedup_rows)
         return results
 
     # -- dispatching -------------------------------------------------------
@@ -1064,10 +1125,12 @@ class Inbox:
             due = " AND +status = 'pending' AND +next_attempt_at <= ?" + NOT_HELD
             attempts: Dict[int, Dict[str, int]] = {event_id: {} for event_id in heads}
             for event_id, handler, count in db.execute(
-                    "SELECT event_id, handler, attempts FROM deliveries WHERE event_id IN (%s)" % marks + due,
+                    "SELECT event_id, handler, attempts FROM deliveries WHERE event_id IN (%s)"
+                    % marks + due,
                     heads + [now]):
                 attempts[event_id][handler] = count + 1
-            heads = [event_id for event_id in heads if attempts[event_id]]  # all of it held: nothing to run
+            # all of it held: nothing to run
+            heads = [event_id for event_id in heads if attempts[event_id]]
             if not heads:
                 return []
             marks = ",".join("?" * len(heads))
@@ -1076,21 +1139,27 @@ class Inbox:
                        " WHERE event_id IN (%s)" % marks + due,
                        [owner, now + LEASE_SECONDS, now, now] + heads + [now])
             events = {row[0]: row[1:] for row in db.execute(
-                "SELECT id, event, bridge, body, received_at FROM events WHERE id IN (%s)" % marks, heads)}
-            return [Claim(event_id, *events[event_id], sorted(attempts[event_id]), attempts[event_id])
+                "SELECT id, event, bridge, body, received_at FROM events WHERE id IN (%s)" % marks,
+                heads)}
+            return [Claim(event_id, *events[event_id], sorted(attempts[event_id]),
+                          attempts[event_id])
                     for event_id in heads]
         return self._write(claim)
 
     @staticmethod
     def _claimable_heads(db, now: float, limit: int) -> List[int]:
         """The event ids to claim: the heads of up to `limit` idle lanes, oldest first."""
-        running = {lane for (lane,) in db.execute("SELECT DISTINCT lane FROM deliveries WHERE status = 'running'")}
-        front = db.execute("SELECT lane, event_id, next_attempt_at, handler FROM deliveries WHERE status = 'pending'"
+        running = {lane for (lane,) in db.execute("SELECT DISTINCT lane FROM deliveries WHERE "
+                                                  "status = 'running'")}
+        front = db.execute("SELECT lane, event_id, next_attempt_at, handler FROM deliveries WHERE "
+                           "status = 'pending'"
                            " ORDER BY event_id LIMIT ?", (HEAD_SCAN_ROWS,))
         heads: Dict[str, int] = {}
-        held = set()  # (lane, handler) of order-holding handlers whose earlier delivery waits for a retry
+        # (lane, handler) of order-holding handlers whose earlier delivery waits for a retry
+        held = set()
         due = seen = 0
-        for lane, event_id, next_attempt_at, handler in front:  # row by row: it usually stops after a few
+        # row by row: it usually stops after a few
+        for lane, event_id, next_attempt_at, handler in front:
             seen += 1
             if holds_chat(handler) and (next_attempt_at > now or (lane, handler) in held):
                 held.add((lane, handler))
@@ -1108,15 +1177,18 @@ class Inbox:
         return [event_id for _lane, event_id in db.execute(query, {"now": now, "limit": limit})]
 
     def _fan_out(self, db, handlers_for, now):
-        """Give new events their delivery rows, one per handler present now; an event no handler wants is done."""
-        rows = db.execute("SELECT id, event, lane FROM events WHERE dispatched = 0 ORDER BY id LIMIT ?",
+        """Give new events their delivery rows, one per handler present now; an event no handler
+        wants is done."""
+        rows = db.execute("SELECT id, event, lane FROM events WHERE dispatched = 0 ORDER "
+                          "BY id LIMIT ?",
                           (FANOUT_BATCH,)).fetchall()
         deliveries, wanted, unwanted = [], [], []
         for event_id, event_type, lane in rows:
             names = handlers_for(event_type)
             deliveries += [(event_id, name, lane, now) for name in names]
             (wanted if names else unwanted).append(event_id)
-        _insert_rows(db, "INSERT OR IGNORE INTO deliveries (event_id, handler, lane, status, next_attempt_at,"
+        _insert_rows(db, "INSERT OR IGNORE INTO deliveries (event_id, handler, lane, status, "
+                         "next_attempt_at,"
                          " updated_at) VALUES", "(?, ?, ?, 'pending', 0, ?)", deliveries)
         for status, event_ids in (("pending", wanted), ("done", unwanted)):
             for part in _chunks(event_ids, SQL_ROWS):
@@ -1125,13 +1197,16 @@ class Inbox:
         return len(rows)
 
     def has_undispatched(self) -> bool:
+        """Whether some stored event has no delivery rows yet."""
         return bool(self._read("SELECT 1 FROM events WHERE dispatched = 0 LIMIT 1"))
 
     def record_outcome(self, event_id: int, handler: str, owner: str, status: str,
                        error: Optional[str] = None, retry_at: float = 0.0,
-                       on_done: Optional[Callable[[Optional[bool], Optional[Exception]], None]] = None,
+                       on_done: Optional[Callable[[Optional[bool], Optional[Exception]],
+                                                  None]] = None,
                        output: Optional[str] = None, exit_status: Optional[int] = None):
-        """Store how one run ended: status done, skipped (its file is gone), pending (retry at `retry_at`)
+        """Store how one run ended: status done, skipped (its file is gone), pending (retry at
+        `retry_at`)
         or dead, with what it printed and, for a script, its exit status.
 
         Only a delivery this owner still holds is updated, so a run that
@@ -1144,7 +1219,8 @@ class Inbox:
         def record(db) -> bool:
             cursor = db.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?, last_error = ?,"
-                " lease_owner = NULL, lease_until = NULL, updated_at = ?, output = ?, exit_status = ?"
+                " lease_owner = NULL, lease_until = NULL, updated_at = ?, output = ?, "
+                "exit_status = ?"
                 " WHERE event_id = ? AND handler = ? AND status = 'running' AND lease_owner = ?",
                 (status, retry_at, error, now, output, exit_status, event_id, handler, owner))
             if cursor.rowcount:
@@ -1159,14 +1235,18 @@ class Inbox:
     def _settle_event(db, event_id):
         """Set the event's summary status from its deliveries."""
         db.execute("UPDATE events SET status = CASE"
-                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status IN ('pending', 'running'))"
+                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status IN "
+                   "('pending', 'running'))"
                    " THEN 'pending'"
-                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status = 'dead') THEN 'dead'"
-                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status = 'discarded')"
+                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status = "
+                   "'dead') THEN 'dead'"
+                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status "
+                   "= 'discarded')"
                    " THEN 'discarded'"
                    " ELSE 'done' END WHERE id = :id", {"id": event_id})
 
     def renew_leases(self, owner: str, now: Optional[float] = None) -> None:
+        """Extend the leases of every delivery `owner` is running by LEASE_SECONDS."""
         now = time.time() if now is None else now
         self._write(lambda db: db.execute(
             "UPDATE deliveries SET lease_until = ? WHERE status = 'running' AND lease_owner = ?",
@@ -1196,7 +1276,8 @@ class Inbox:
 
         def recover(db) -> int:
             recovered = 0
-            rows = db.execute("SELECT event_id, handler, attempts, lease_owner, lease_until FROM deliveries"
+            rows = db.execute("SELECT event_id, handler, attempts, lease_owner, lease_until "
+                              "FROM deliveries"
                               " WHERE status = 'running'").fetchall()
             for event_id, handler, attempts, owner, lease_until in rows:
                 if (lease_until or 0) > now and not owner_is_dead(owner or ""):
@@ -1217,7 +1298,8 @@ class Inbox:
 
     def stuck_deliveries(self, running_longer_than: float) -> int:
         """How many deliveries have been running longer than that: a lane that no longer moves."""
-        return self._read("SELECT COUNT(*) FROM deliveries WHERE status = 'running' AND updated_at < ?",
+        return self._read("SELECT COUNT(*) FROM deliveries WHERE status = 'running' AND "
+                          "updated_at < ?",
                           (time.time() - running_longer_than,))[0][0]
 
     def next_retry_at(self) -> Optional[float]:
@@ -1229,7 +1311,8 @@ class Inbox:
     # -- operating ---------------------------------------------------------
 
     def replay(self, event_ids: List[int]) -> List[int]:
-        """Queue events again: their dead (or discarded) deliveries, or, if none, every handler anew."""
+        """Queue events again: their dead (or discarded) deliveries, or, if none, every handler
+        anew."""
         def replay(db) -> List[int]:
             replayed = []
             for event_id in event_ids:
@@ -1240,7 +1323,8 @@ class Inbox:
                     " last_error = NULL WHERE event_id = ? AND +status IN ('dead', 'discarded')",
                     (event_id,)).rowcount
                 if not revived:
-                    db.execute("DELETE FROM deliveries WHERE event_id = ? AND status != 'running'", (event_id,))
+                    db.execute("DELETE FROM deliveries WHERE event_id = ? AND status != 'running'",
+                               (event_id,))
                     db.execute("UPDATE events SET dispatched = 0 WHERE id = ?", (event_id,))
                 db.execute("UPDATE events SET status = 'pending' WHERE id = ?", (event_id,))
                 replayed.append(event_id)
@@ -1248,7 +1332,8 @@ class Inbox:
         return self._write(replay)
 
     def discard(self, event_ids: List[int]) -> Dict[int, str]:
-        """Set dead events aside: status `discarded`, kept for the record, no longer counted as dead.
+        """Set dead events aside: status `discarded`, kept for the record, no longer counted as
+        dead.
 
         Returns each id's status before (absent: no such event); only the
         ones that were dead changed.
@@ -1257,27 +1342,34 @@ class Inbox:
             found = {}
             for part in _chunks(list(event_ids), SQL_ROWS):
                 marks = ",".join("?" * len(part))
-                found.update(db.execute("SELECT id, status FROM events WHERE id IN (%s)" % marks, part))
+                found.update(db.execute("SELECT id, status FROM events WHERE id IN (%s)" % marks,
+                                        part))
                 db.execute("UPDATE deliveries SET status = 'discarded', updated_at = ?"
-                           " WHERE event_id IN (%s) AND +status = 'dead'" % marks, [time.time()] + part)
-                db.execute("UPDATE events SET status = 'discarded' WHERE id IN (%s) AND status = 'dead'"
+                           " WHERE event_id IN (%s) AND +status = 'dead'" % marks, [time.time()]
+                           + part)
+                db.execute("UPDATE events SET status = 'discarded' WHERE id IN (%s) AND "
+                           "status = 'dead'"
                            % marks, part)
             return found
         return self._write(discard)
 
     def dead_event_ids(self, after: int = 0, limit: int = 500) -> List[int]:
+        """Ids of dead events after `after`, in id order, at most `limit` of them."""
         return [row[0] for row in self._read(
-            "SELECT id FROM events WHERE status = 'dead' AND id > ? ORDER BY id LIMIT ?", (after, limit))]
+            "SELECT id FROM events WHERE status = 'dead' AND id > ? ORDER BY id LIMIT ?",
+            (after, limit))]
 
     def prune(self, retention: float, now: Optional[float] = None, batch: int = 1000) -> int:
         """Delete expired dedup keys and delivered events older than `retention`. Dead ones stay."""
         now = time.time() if now is None else now
         removed = 0
         def prune_batch(db) -> List[int]:
-            db.execute("DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE expires_at <= ? LIMIT ?)",
+            db.execute("DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE expires_at "
+                       "<= ? LIMIT ?)",
                        (now, batch))
             ids = [row[0] for row in db.execute(
-                "SELECT id FROM events WHERE status = 'done' AND received_at < ? ORDER BY id LIMIT ?",
+                "SELECT id FROM events WHERE status = 'done' AND received_at < ? ORDER "
+                "BY id LIMIT ?",
                 (now - retention, batch))]
             marks = ",".join("?" * len(ids))
             if ids:
@@ -1296,7 +1388,8 @@ class Inbox:
                 for status in statuses}
 
     def check_writable(self) -> None:
-        """Raise InboxUnavailable unless a write transaction can start now and events are being stored.
+        """Raise InboxUnavailable unless a write transaction can start now and events are being
+        stored.
 
         An empty transaction succeeds on a full disk, so an event commit that
         failed within FAILED_COMMIT_MEMORY seconds, with none stored since,
@@ -1307,7 +1400,8 @@ class Inbox:
             raise InboxUnavailable(failed[1])
         self._write(lambda db: None)
 
-    def list_events(self, status: Optional[str] = None, limit: int = 20, event_type: Optional[str] = None,
+    def list_events(self, status: Optional[str] = None, limit: int = 20,
+                    event_type: Optional[str] = None,
                     bridge: Optional[str] = None, before: Optional[int] = None,
                     after: Optional[int] = None) -> List[dict]:
         """The newest events matching the filters, each with its deliveries; newest first.
@@ -1338,15 +1432,18 @@ class Inbox:
         if after is not None:
             where.append("id > ?")
             params.append(after)
-        rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events%s ORDER BY id %s LIMIT ?"
-                          % (" WHERE " + " AND ".join(where) if where else "", "ASC" if after is not None
+        rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events%s ORDER "
+                          "BY id %s LIMIT ?"
+                          % (" WHERE " + " AND ".join(where) if where else "",
+                             "ASC" if after is not None
                              else "DESC"), params + [limit])
         events = []
         for event_id, received_at, bridge_label, event_name, event_status, body in rows:
             deliveries = [
                 {"handler": handler, "status": d_status, "attempts": attempts, "last_error": error}
                 for handler, d_status, attempts, error in self._read(
-                    "SELECT handler, status, attempts, last_error FROM deliveries WHERE event_id = ?"
+                    "SELECT handler, status, attempts, last_error FROM deliveries "
+                    "WHERE event_id = ?"
                     " ORDER BY handler", (event_id,))]
             events.append({"id": event_id, "received_at": received_at, "bridge": bridge_label,
                            "event": event_name, "status": event_status, "body": body,
@@ -1359,7 +1456,8 @@ class Inbox:
 
     def event_detail(self, event_id: int) -> Optional[dict]:
         """One event with everything known about each delivery (None: no such event)."""
-        rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events WHERE id = ?",
+        rows = self._read("SELECT id, received_at, bridge, event, status, body FROM "
+                          "events WHERE id = ?",
                           (event_id,))
         if not rows:
             return None
@@ -1367,12 +1465,15 @@ class Inbox:
         deliveries = []
         for (handler, d_status, attempts, error, updated_at, started_at, exit_status, output,
              next_attempt_at) in self._read(
-                "SELECT handler, status, attempts, last_error, updated_at, started_at, exit_status, output,"
-                " next_attempt_at FROM deliveries WHERE event_id = ? ORDER BY handler", (event_id,)):
+                "SELECT handler, status, attempts, last_error, updated_at, started_at, "
+                "exit_status, output,"
+                " next_attempt_at FROM deliveries WHERE event_id = ? ORDER BY handler",
+                (event_id,)):
             ran = attempts > 0 and started_at is not None
             deliveries.append({
                 "handler": handler, "status": d_status, "attempts": attempts, "last_error": error,
-                "output": output, "exit_status": exit_status, "started_at": started_at if ran else None,
+                "output": output, "exit_status": exit_status, "started_at": started_at if ran
+                else None,
                 "finished_at": updated_at if ran and d_status != "running" else None,
                 "next_attempt_at": next_attempt_at if d_status == "pending" else 0})
         return {"id": event_id, "received_at": received_at, "bridge": bridge, "event": event_name,
@@ -1384,14 +1485,17 @@ class Inbox:
             "SELECT event, COUNT(*) FROM events GROUP BY event ORDER BY event")}
         by_handler: Dict[str, Dict[str, int]] = {}
         for handler, status, count in self._read(
-                "SELECT handler, status, COUNT(*) FROM deliveries GROUP BY handler, status ORDER BY handler"):
+                "SELECT handler, status, COUNT(*) FROM deliveries GROUP BY handler, status "
+                "ORDER BY handler"):
             by_handler.setdefault(handler, {})[status] = count
         return {"events": self.counts(), "by_type": by_type, "deliveries_by_handler": by_handler,
                 "oldest_pending_age_seconds": self.oldest_pending_age()}
 
     def oldest_pending_age(self) -> float:
-        """Seconds since the oldest event not yet fully delivered arrived (0: none); one index seek."""
-        rows = self._read("SELECT received_at FROM events WHERE status = 'pending' ORDER BY id LIMIT 1")
+        """Seconds since the oldest event not yet fully delivered arrived (0: none); one index
+        seek."""
+        rows = self._read("SELECT received_at FROM events WHERE status = 'pending' ORDER "
+                          "BY id LIMIT 1")
         return round(max(0.0, time.time() - rows[0][0]), 3) if rows else 0
 
 
@@ -1422,21 +1526,27 @@ class Intake:
 
     def receive(self, body: str, payload: dict, bridge: Optional[str],
                 on_done: Callable[[Optional[Tuple[int, bool]], Optional[Exception]], None]) -> None:
-        """Hand one event to the inbox; on_done((inbox id, duplicate), None) after COMMIT, or (None, error)."""
+        """Hand one event to the inbox; on_done((inbox id, duplicate), None) after COMMIT, or (None,
+        error)."""
         if not self.accepting:
-            raise NotReceived("shutting_down", "the server is shutting down; send again", close=True)
+            raise NotReceived("shutting_down", "the server is shutting down; send again",
+                              close=True)
         if self.folder_missing(FOLDER_CHECK_SECONDS):
             self.log.error("answered 503: the handlers folder is missing")
-            raise NotReceived("handlers_missing", "the handlers folder is missing; send again once it is back")
+            raise NotReceived("handlers_missing", "the handlers folder is missing; send again "
+                                                  "once it is back")
         key, ttl = identity_key(payload, bridge), self.config.retention
         if key is None and self.config.dedup_window > 0:
-            digest = hashlib.sha256(("%s\n%s" % (bridge or "", body)).encode("utf-8", "surrogatepass"))
+            digest = hashlib.sha256(("%s\n%s" % (bridge or "", body)).encode("utf-8",
+                                                                             "surrogatepass"))
             key, ttl = "body:" + digest.hexdigest(), self.config.dedup_window
-        self.inbox.submit_event(body, payload["event"], bridge, lane_of(payload, bridge), key, ttl, on_done,
+        self.inbox.submit_event(body, payload["event"], bridge, lane_of(payload, bridge), key, ttl,
+                                on_done,
                                 flush_here=True)
 
     def commit_received(self) -> None:
-        """Commit the events receive() took since the last call, in this thread if the inbox's writer is idle."""
+        """Commit the events receive() took since the last call, in this thread if the inbox's
+        writer is idle."""
         self.inbox.flush_here()
 
     def stored(self, event_type: str, result: Optional[Tuple[int, bool]],
@@ -1474,7 +1584,8 @@ class HandlerLoadError(Exception):
 class HandlerFailed(Exception):
     """A handler run failed: the message says how (exit status, timeout)."""
 
-    def __init__(self, message: str, exit_status: Optional[int] = None, output: Optional[str] = None):
+    def __init__(self, message: str, exit_status: Optional[int] = None,
+                 output: Optional[str] = None):
         super().__init__(message)
         self.exit_status, self.output = exit_status, output
 
@@ -1489,11 +1600,13 @@ def handler_event(filename: str) -> str:
 
 
 def is_candidate(filename: str) -> bool:
+    """Whether a file name may be a handler: not hidden, not starting with an underscore."""
     return not filename.startswith(("_", "."))
 
 
 def is_handler_file(filename: str, mode: int) -> bool:
-    """Whether a regular file of the handlers folder is a handler: the one definition, for the server and `check`.
+    """Whether a regular file of the handlers folder is a handler: the one definition, for the
+    server and `check`.
 
     `<event>[.<label>].py`, `<event>[.<label>].forward`, any executable
     `<event>[.<label>][.ext]`, and also a
@@ -1518,13 +1631,15 @@ def holds_chat(name: str) -> bool:
 
 
 def script_problem(name: str, path: str) -> Optional[str]:
-    """Why an executable handler cannot run (the sentence `check` prints and the server logs), or None."""
+    """Why an executable handler cannot run (the sentence `check` prints and the server logs), or
+    None."""
     if not _is_executable(os.stat(path).st_mode):
         return "is not executable: run chmod +x %s (or name it .py and define handle(event))" % name
     with open(path, "rb") as handle:
         start = handle.read(4)
     if not start.startswith(b"#!") and start != b"\x7fELF":
-        return ("has no interpreter line: make its first line #!/bin/sh, or #!/usr/bin/env python3, or"
+        return ("has no interpreter line: make its first line #!/bin/sh, or "
+                "#!/usr/bin/env python3, or"
                 " whatever runs it")
     return None
 
@@ -1561,7 +1676,8 @@ def _is_executable(mode: int) -> bool:
 class PythonHandler:
     """A `<event>[.<label>].py` file defining handle(event); runs in a worker thread."""
 
-    form = "python"  # what kind of handler (python, script, forward): only a Python run cannot be killed
+    # what kind of handler (python, script, forward): only a Python run cannot be killed
+    form = "python"
 
     def __init__(self, name: str, path: str, signature, module: types.ModuleType):
         self.name, self.path, self.signature, self.module = name, path, signature, module
@@ -1573,6 +1689,7 @@ class PythonHandler:
 
     @classmethod
     def load(cls, name: str, path: str) -> "PythonHandler":
+        """Load a handler module; HandlerLoadError unless it has a usable handle(event)."""
         source, signature = _read_settled(path)
         module_name = "wabhook_handler_" + re.sub(r"\W", "_", name[:-3])
         module = types.ModuleType(module_name)
@@ -1585,16 +1702,20 @@ class PythonHandler:
             exec(code, module.__dict__)
         except BaseException:
             sys.modules.pop(module_name, None)
-            raise HandlerLoadError("cannot load handler %s:\n%s" % (name, traceback.format_exc())) from None
+            raise HandlerLoadError("cannot load handler %s:\n%s"
+                                   % (name, traceback.format_exc())) from None
         handle = getattr(module, "handle", None)
         if handle is None:
-            raise HandlerLoadError("defines no handle(event) function: add def handle(event): to %s" % name)
+            raise HandlerLoadError("defines no handle(event) function: add def handle(event): to %s"
+                                   % name)
         if not callable(handle):
-            raise HandlerLoadError("its handle is not a function: define def handle(event): in %s" % name)
+            raise HandlerLoadError("its handle is not a function: define def handle(event): in %s"
+                                   % name)
         try:
             inspect.signature(handle).bind(None)
         except TypeError:
-            raise HandlerLoadError("its handle() must take one argument, the event: def handle(event):") from None
+            raise HandlerLoadError("its handle() must take one argument, the event: def "
+                                   "handle(event):") from None
         except ValueError:
             pass  # no signature to inspect (a builtin): trust it
         return cls(name, path, signature, module)
@@ -1603,7 +1724,8 @@ class PythonHandler:
         """Call handle(event) (awaited if async); what it raises is the run's failure."""
         arguments = {"body": body} if self.wants_body else {}
         if self.is_async:  # async def handle(event): run to completion, within --script-timeout
-            import asyncio  # here, not at the top: it costs every start 25 ms, and few handlers are async
+            # here, not at the top: it costs every start 25 ms, and few handlers are async
+            import asyncio
             asyncio.run(asyncio.wait_for(self.module.handle(event, **arguments), context.timeout))
         else:
             self.module.handle(event, **arguments)
@@ -1618,14 +1740,16 @@ class ScriptHandler:
         self.name, self.path, self.signature = name, path, signature
 
     def run(self, event: Event, body: str, context: "RunContext") -> Tuple[int, str]:
-        """Run the script on one event: (exit status, output); HandlerFailed unless it exits 0 in time."""
+        """Run the script on one event: (exit status, output); HandlerFailed unless it exits 0 in
+        time."""
         env = dict(context.environment, WABHOOK_EVENT=event.event, WABHOOK_ID=str(event.id),
                    WABHOOK_BRIDGE=event.bridge or "")
         log, timeout = context.log, context.timeout
         process = self._start(env)
         context.processes.add(process)
         output = _OutputReader(process.stdout)
-        feeder = threading.Thread(target=_feed_stdin, args=(process.stdin, body.encode("utf-8")), daemon=True)
+        feeder = threading.Thread(target=_feed_stdin, args=(process.stdin, body.encode("utf-8")),
+                                  daemon=True)
         feeder.start()
         timed_out = False
         try:
@@ -1642,7 +1766,8 @@ class ScriptHandler:
         text = output.text()
         if text:
             for line in text.splitlines():
-                log.info("%s | %s", self.name, line, extra={"handler": self.name, "event_id": event.id})
+                log.info("%s | %s", self.name, line, extra={"handler": self.name,
+                                                            "event_id": event.id})
             if output.dropped:
                 log.warning("%s printed %d more bytes (not logged)", self.name, output.dropped,
                             extra={"handler": self.name, "event_id": event.id})
@@ -1651,13 +1776,15 @@ class ScriptHandler:
                                 process.returncode, text)
         if process.returncode != 0:
             tail = text.strip().splitlines()[-1:] if text.strip() else []
-            raise HandlerFailed("exit status %d%s" % (process.returncode, (": " + tail[0][:500]) if tail else ""),
+            raise HandlerFailed("exit status %d%s" % (process.returncode, (": " + tail[0][:500])
+                                                      if tail else ""),
                                 process.returncode, text)
         return process.returncode, text
 
 
     def _start(self, env: Dict[str, str]) -> subprocess.Popen:
-        """The script's process; a save or `git pull` in progress is waited out (up to SETTLE_SECONDS)."""
+        """The script's process; a save or `git pull` in progress is waited out (up to
+        SETTLE_SECONDS)."""
         deadline = time.monotonic() + SETTLE_SECONDS
         while True:
             try:
@@ -1666,7 +1793,8 @@ class ScriptHandler:
                                         stderr=subprocess.STDOUT, cwd=os.path.dirname(self.path),
                                         env=env, start_new_session=True)
             except OSError as exc:
-                # ENOENT: replaced by a rename or checkout just now; ETXTBSY: still open for writing.
+                # ENOENT: replaced by a rename or checkout just now; ETXTBSY: still open for
+                # writing.
                 if exc.errno not in (errno.ENOENT, errno.ETXTBSY) or time.monotonic() > deadline:
                     raise
             time.sleep(0.05)
@@ -1696,9 +1824,11 @@ class _OutputReader(threading.Thread):
         self.start()
 
     def run(self):
+        """Read the pipe to its end, keeping the first OUTPUT_CAP bytes."""
         with self.pipe:
             while True:
-                chunk = self.pipe.read1(OUTPUT_CHUNK) if hasattr(self.pipe, "read1") else self.pipe.read(OUTPUT_CHUNK)
+                chunk = (self.pipe.read1(OUTPUT_CHUNK) if hasattr(self.pipe, "read1")
+                         else self.pipe.read(OUTPUT_CHUNK))
                 if not chunk:
                     return
                 room = OUTPUT_CAP - len(self.kept)
@@ -1706,6 +1836,7 @@ class _OutputReader(threading.Thread):
                 self.dropped += max(len(chunk) - max(room, 0), 0)
 
     def text(self) -> str:
+        """The kept output, decoded as UTF-8 (undecodable bytes replaced)."""
         return bytes(self.kept).decode("utf-8", "replace")
 
 
@@ -1740,7 +1871,8 @@ FORWARD_IDLE_PER_TARGET = 16     # idle keep-alive connections kept per (scheme,
 # connections after a few seconds (gunicorn 2 s, Node 5 s, Apache 5 s), and a request sent
 # just as the server closes is lost to a reset (retried once, see ForwardPool.post).
 FORWARD_IDLE_SECONDS = 4.0
-FORWARD_REPLY_CAP = 64 * 1024    # bytes of a target's reply read; a longer one closes its connection
+# bytes of a target's reply read; a longer one closes its connection
+FORWARD_REPLY_CAP = 64 * 1024
 FORWARD_KEYWORDS = ("url", "header", "secret", "timeout", "wrap")
 # `wrap NAME`: the body in the envelope an ingest wants instead of as stored. kafka: what a
 # Kafka REST proxy's produce call takes (Confluent REST Proxy v2, Redpanda's HTTP Proxy): one
@@ -1751,11 +1883,13 @@ FORWARD_EXAMPLES = {"wrap": "wrap kafka", "url": "url https://ingest.example.com
                     "secret": "secret ${FORWARD_SECRET}", "timeout": "timeout 10"}
 # Headers wabhook writes itself: framing and connection management (a wrong one would
 # break keep-alive for every later event), and the Standard Webhooks three.
-FORWARD_RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection", "keep-alive",
+FORWARD_RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection",
+                            "keep-alive",
                             "te", "trailer", "upgrade", "expect", "webhook-id", "webhook-timestamp",
                             "webhook-signature")
 FORWARD_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
-FORWARD_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")               # printable ASCII and tab, nothing else
+# printable ASCII and tab, nothing else
+FORWARD_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 FORWARD_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$")
 FORWARD_COMMENT = re.compile(r"(?:^|\s)#.*")
 
@@ -1786,7 +1920,8 @@ class ForwardTarget:
         return "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
 
 
-def parse_forward_file(text: str, environ: Dict[str, str], name: str = "the .forward file") -> ForwardTarget:
+def parse_forward_file(text: str, environ: Dict[str, str],
+                       name: str = "the .forward file") -> ForwardTarget:
     """The target a `.forward` file describes, or HandlerLoadError naming the line and the fix.
 
     The format, one setting a line:
@@ -1835,28 +1970,38 @@ def parse_forward_file(text: str, environ: Dict[str, str], name: str = "the .for
         where = "%s line %d" % (name, number)
         if keyword not in FORWARD_KEYWORDS:
             close = difflib.get_close_matches(keyword, FORWARD_KEYWORDS, n=1)
-            raise HandlerLoadError("%s: %r is not a setting%s; a .forward file has url, header, secret,"
-                                   " timeout and wrap lines" % (where, keyword[:40], " (did you mean %s?)" % close[0]
+            raise HandlerLoadError("%s: %r is not a setting%s; a .forward file has url, "
+                                   "header, secret,"
+                                   " timeout and wrap lines" % (where, keyword[:40],
+                                                                " (did you mean %s?)" % close[0]
                                                          if close else ""))
         if not value:
-            raise HandlerLoadError("%s: %s needs a value, as in: %s" % (where, keyword, FORWARD_EXAMPLES[keyword]))
-        earlier = {"url": url_line, "secret": secret_line, "timeout": timeout_line, "wrap": wrap_line}.get(keyword)
+            raise HandlerLoadError("%s: %s needs a value, as in: %s" % (where, keyword,
+                                                                        FORWARD_EXAMPLES[keyword]))
+        earlier = {"url": url_line, "secret": secret_line, "timeout": timeout_line,
+                   "wrap": wrap_line}.get(keyword)
         if earlier:
-            raise HandlerLoadError("%s: a second %s line (line %d has one): keep one" % (where, keyword, earlier))
+            raise HandlerLoadError("%s: a second %s line (line %d has one): keep one"
+                                   % (where, keyword, earlier))
         if keyword == "header":
             header_name, colon, header_value = value.partition(":")
             header_name = header_name.strip()
             if not colon or not FORWARD_HEADER_NAME.fullmatch(header_name):
-                raise HandlerLoadError("%s: write a header as header Name: value, with a name of letters, digits"
+                raise HandlerLoadError("%s: write a header as header Name: value, with a name of "
+                                       "letters, digits"
                                        " and -, as in: %s" % (where, FORWARD_EXAMPLES["header"]))
             if header_name.lower() in FORWARD_RESERVED_HEADERS:
-                raise HandlerLoadError("%s: wabhook sets the %s header itself: remove this line%s" % (
-                    where, header_name, " (a secret line makes it sign)" if header_name.lower().startswith(
+                raise HandlerLoadError("%s: wabhook sets the %s header itself: remove this line%s"
+                                       % (
+                    where, header_name, " (a secret line "
+                                        "makes it sign)" if header_name.lower().startswith(
                         "webhook-") else ""))
             header_value = _substitute(header_value, environ, where).strip()
             if not FORWARD_HEADER_VALUE.fullmatch(header_value):
-                raise HandlerLoadError("%s: the value of header %s holds a line break, a control character or"
-                                       " non-ASCII text: header values are printable ASCII (check the variables"
+                raise HandlerLoadError("%s: the value of header %s holds a line break, a "
+                                       "control character or"
+                                       " non-ASCII text: header values are printable ASCII (check "
+                                       "the variables"
                                        " it uses)" % (where, header_name))
             if header_name.lower() == "authorization":
                 authorization_line = number
@@ -1870,17 +2015,23 @@ def parse_forward_file(text: str, environ: Dict[str, str], name: str = "the .for
                 raise HandlerLoadError("%s: wrap takes %s" % (where, " or ".join(FORWARD_WRAPS)))
             wrap_line, wrap = number, value
         else:
-            timeout_line, timeout = number, _forward_timeout(_substitute(value, environ, where), where)
+            timeout_line, timeout = number, _forward_timeout(_substitute(value, environ, where),
+                                                             where)
     if parts is None:
-        raise HandlerLoadError("%s has no url line: add one, as in: %s" % (name, FORWARD_EXAMPLES["url"]))
+        raise HandlerLoadError("%s has no url line: add one, as in: %s"
+                               % (name, FORWARD_EXAMPLES["url"]))
     if parts.username is not None:
         if authorization_line:
-            raise HandlerLoadError("%s line %d: the url has user:password@ and line %d an Authorization header:"
+            raise HandlerLoadError("%s line %d: the url has user:password@ and line %d an "
+                                   "Authorization header:"
                                    " keep one" % (name, url_line, authorization_line))
-        credentials = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
-        headers.append(("Authorization", "Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii")))
+        credentials = "%s:%s" % (urllib.parse.unquote(parts.username),
+                                 urllib.parse.unquote(parts.password or ""))
+        headers.append(("Authorization", "Basic "
+                        + base64.b64encode(credentials.encode("utf-8")).decode("ascii")))
     scheme = parts.scheme.lower()
-    return ForwardTarget(scheme=scheme, host=parts.hostname, port=parts.port or (443 if scheme == "https" else 80),
+    return ForwardTarget(scheme=scheme, host=parts.hostname, port=parts.port
+                         or (443 if scheme == "https" else 80),
                          target=(parts.path or "/") + ("?" + parts.query if parts.query else ""),
                          headers=tuple(headers), key=key, timeout=timeout, wrap=wrap)
 
@@ -1892,9 +2043,11 @@ def _substitute(value: str, environ: Dict[str, str], where: str) -> str:
             return "$"
         variable = match.group(1)
         if variable is None:
-            raise HandlerLoadError("%s: a $ starts a variable, written ${NAME}; write $$ for a $ itself" % where)
+            raise HandlerLoadError("%s: a $ starts a variable, written ${NAME}; write $$ "
+                                   "for a $ itself" % where)
         if variable not in environ:
-            raise HandlerLoadError("%s: ${%s} is not set in wabhook's environment: set %s where wabhook starts"
+            raise HandlerLoadError("%s: ${%s} is not set in wabhook's environment: set %s where "
+                                   "wabhook starts"
                                    " (e.g. Environment= in its systemd unit) and restart it" % (
                                        where, variable, variable))
         return environ[variable]
@@ -1903,14 +2056,18 @@ def _substitute(value: str, environ: Dict[str, str], where: str) -> str:
 
 def _forward_url(url: str, where: str) -> urllib.parse.SplitResult:
     if not re.fullmatch(r"[\x21-\x7e]+", url):
-        raise HandlerLoadError("%s: the url holds a space, a control character or non-ASCII text: percent-encode"
+        raise HandlerLoadError("%s: the url holds a space, a control character or non-ASCII text: "
+                               "percent-encode"
                                " it (a space is %%20; a host as punycode)" % where)
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not url.lower().startswith(parts.scheme.lower() + "://"):
+    if parts.scheme.lower() not in ("http",
+                                    "https") or not url.lower().startswith(parts.scheme.lower()
+                                                                           + "://"):
         raise HandlerLoadError("%s: the url must start with http:// or https://, as in: %s"
                                % (where, FORWARD_EXAMPLES["url"]))
     if not parts.hostname:
-        raise HandlerLoadError("%s: the url has no host: write it as https://host[:port]/path" % where)
+        raise HandlerLoadError("%s: the url has no host: write it as https://host[:port]/path"
+                               % where)
     try:
         port = parts.port
     except ValueError:
@@ -1918,7 +2075,8 @@ def _forward_url(url: str, where: str) -> urllib.parse.SplitResult:
     if port == 0 or (port is None and re.search(r":[^\]]*$", parts.netloc.rpartition("@")[2])):
         raise HandlerLoadError("%s: the url's port must be a number from 1 to 65535" % where)
     if parts.fragment or url.endswith("#"):
-        raise HandlerLoadError("%s: the url has a #fragment, which is never sent: remove it" % where)
+        raise HandlerLoadError("%s: the url has a #fragment, which is never sent: remove it"
+                               % where)
     return parts
 
 
@@ -1930,7 +2088,8 @@ def _forward_key(secret: str, where: str) -> bytes:
         except ConfigError:
             pass
     if not key:
-        raise HandlerLoadError("%s: the secret must be whsec_ followed by base64, the Standard Webhooks secret"
+        raise HandlerLoadError("%s: the secret must be whsec_ followed by base64, the Standard "
+                               "Webhooks secret"
                                " the target verifies with" % where)
     return key
 
@@ -1941,12 +2100,14 @@ def _forward_timeout(text: str, where: str) -> float:
     except ValueError:
         seconds = 0.0
     if not 0 < seconds < float("inf"):
-        raise HandlerLoadError("%s: timeout takes seconds above 0, such as 10, 2.5 or 500ms" % where)
+        raise HandlerLoadError("%s: timeout takes seconds above 0, such as 10, 2.5 or 500ms"
+                               % where)
     return seconds
 
 
 def webhook_id(event: Event, body: str) -> str:
-    """The `webhook-id` of every POST of this event: "evt_" and 32 hex digits, the same on every attempt.
+    """The `webhook-id` of every POST of this event: "evt_" and 32 hex digits, the same on every
+    attempt.
 
     Made only of what the inbox stored, never of the attempt: an event with a
     natural identity (a message, a call ...) hashes identity_key(), the key the
@@ -1959,7 +2120,8 @@ def webhook_id(event: Event, body: str) -> str:
     """
     key = identity_key(event.raw, event.bridge)
     if key is None:
-        key = json.dumps([event.bridge or "", event.id, repr(event.received_at), body], separators=(",", ":"))
+        key = json.dumps([event.bridge or "", event.id, repr(event.received_at), body],
+                         separators=(",", ":"))
     return "evt_" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -1991,7 +2153,8 @@ class ForwardPool:
 
     def post(self, target: ForwardTarget, body: bytes, headers: List[Tuple[str, str]],
              timeout: float) -> Tuple[int, bytes, str]:
-        """POST `body` to the target: (status, the reply's first FORWARD_REPLY_CAP bytes, its Location).
+        """POST `body` to the target: (status, the reply's first FORWARD_REPLY_CAP bytes, its
+        Location).
 
         HandlerFailed when no reply came (connect, TLS, timeout, reset); the
         whole exchange, connecting included, takes at most `timeout` seconds.
@@ -2027,13 +2190,15 @@ class ForwardPool:
         except socket.timeout:
             if connection is not None:
                 connection.close()
-            raise HandlerFailed("%s %s within %gs" % ("no answer from" if connected else "cannot connect to",
+            raise HandlerFailed("%s %s within %gs" % ("no answer from" if connected
+                                                      else "cannot connect to",
                                                       target.where, timeout)) from None
         except (OSError, http.client.HTTPException) as exc:
             if connection is not None:
                 connection.close()
             raise HandlerFailed(_connection_problem(target, exc)) from None
-        except BaseException:  # not the target's doing (a bug of ours): no connection left half-used
+        # not the target's doing (a bug of ours): no connection left half-used
+        except BaseException:
             if connection is not None:
                 connection.close()
             raise
@@ -2089,11 +2254,14 @@ class ForwardPool:
                 expired.append(connection)
             else:
                 connections.append((connection, now))
-            if now - self._swept_at > FORWARD_IDLE_SECONDS:  # targets no longer used (a file edited)
+            # targets no longer used (a file edited)
+            if now - self._swept_at > FORWARD_IDLE_SECONDS:
                 self._swept_at = now
                 for key in list(self._idle):
-                    kept = [(c, since) for c, since in self._idle[key] if now - since <= FORWARD_IDLE_SECONDS]
-                    expired.extend(c for c, since in self._idle[key] if now - since > FORWARD_IDLE_SECONDS)
+                    kept = [(c, since) for c, since in self._idle[key]
+                            if now - since <= FORWARD_IDLE_SECONDS]
+                    expired.extend(c for c, since in self._idle[key]
+                                   if now - since > FORWARD_IDLE_SECONDS)
                     if kept:
                         self._idle[key] = kept
                     else:
@@ -2136,14 +2304,18 @@ class ForwardPool:
         connection.putheader("Content-Length", str(len(body)))
         connection.endheaders(body)
         sock.settimeout(_remaining(deadline))
-        return connection.getresponse(), sock  # getresponse() drops connection.sock on Connection: close
+        # getresponse() drops connection.sock on Connection: close
+        return connection.getresponse(), sock
 
     @staticmethod
-    def _read_reply(response: http.client.HTTPResponse, sock, deadline: float) -> Tuple[bytes, bool]:
-        """(the reply's first FORWARD_REPLY_CAP bytes, whether it was read to its end), within the deadline."""
+    def _read_reply(response: http.client.HTTPResponse, sock, deadline: float) -> Tuple[bytes,
+                                                                                        bool]:
+        """(the reply's first FORWARD_REPLY_CAP bytes, whether it was read to its end), within the
+        deadline."""
         parts, size = [], 0
         while size <= FORWARD_REPLY_CAP:
-            if response.isclosed():  # read to its end (on Connection: close, its socket is closed now)
+            # read to its end (on Connection: close, its socket is closed now)
+            if response.isclosed():
                 return b"".join(parts), True
             sock.settimeout(_remaining(deadline))  # a trickling reply cannot outlast the timeout
             chunk = response.read(16 * 1024)
@@ -2155,8 +2327,10 @@ class ForwardPool:
 
     @staticmethod
     def _log_stale(target: ForwardTarget, exc: Exception) -> None:
-        logging.getLogger("wabhook").debug("a kept-alive connection to %s was closed by the target (%s):"
-                                           " sending again on a new one", target.where, type(exc).__name__)
+        logging.getLogger("wabhook").debug("a kept-alive connection to %s was closed by "
+                                           "the target (%s):"
+                                           " sending again on a new one", target.where,
+                                           type(exc).__name__)
 
 
 def _remaining(deadline: float) -> float:
@@ -2167,7 +2341,8 @@ def _remaining(deadline: float) -> float:
 
 
 def _peer_closed(sock) -> bool:
-    """Whether an idle connection's peer closed it (or sent what no request asked for): cheap, no wait.
+    """Whether an idle connection's peer closed it (or sent what no request asked for): cheap, no
+    wait.
 
     TLS connections are not looked at (their socket cannot peek, and a TLS 1.3
     server may send session tickets after the handshake); a closed one fails
@@ -2193,7 +2368,8 @@ def _peer_closed(sock) -> bool:
 def _connection_problem(target: ForwardTarget, exc: Exception) -> str:
     """One sentence for a delivery that got no reply."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return "the TLS certificate of %s is not trusted: %s" % (target.where, exc.verify_message or exc)
+        return "the TLS certificate of %s is not trusted: %s" % (target.where, exc.verify_message
+                                                                 or exc)
     if isinstance(exc, ssl.SSLError):
         return "TLS with %s failed: %s" % (target.where, exc.reason or exc)
     if isinstance(exc, socket.gaierror):
@@ -2203,11 +2379,14 @@ def _connection_problem(target: ForwardTarget, exc: Exception) -> str:
     if isinstance(exc, http.client.RemoteDisconnected):
         return "%s closed the connection without answering" % target.where
     if isinstance(exc, http.client.HTTPException):
-        return "%s answered with something other than HTTP/1.x: %s" % (target.where, type(exc).__name__)
-    return "cannot reach %s: %s" % (target.where, exc.strerror or exc if isinstance(exc, OSError) else exc)
+        return "%s answered with something other than HTTP/1.x: %s" % (target.where,
+                                                                       type(exc).__name__)
+    return "cannot reach %s: %s" % (target.where, exc.strerror or exc if isinstance(exc, OSError)
+                                    else exc)
 
 
-def _load_forward_file(name: str, path: str, environ: Dict[str, str]) -> Tuple[ForwardTarget, tuple]:
+def _load_forward_file(name: str, path: str, environ: Dict[str, str]) -> Tuple[ForwardTarget,
+                                                                               tuple]:
     """(the target, the file's signature as read), waiting out a save in progress.
 
     A file that changes while read, or that is wrong and was modified within
@@ -2224,41 +2403,49 @@ def _load_forward_file(name: str, path: str, environ: Dict[str, str]) -> Tuple[F
                 try:
                     text = data.decode("utf-8-sig")
                 except UnicodeDecodeError:
-                    raise HandlerLoadError("%s is not UTF-8 text: save it as UTF-8" % name) from None
+                    raise HandlerLoadError("%s is not UTF-8 text: save it as UTF-8"
+                                           % name) from None
                 return parse_forward_file(text, environ, name), signature
             except HandlerLoadError:
-                if time.time() - signature[0] / 1e9 >= SETTLE_SECONDS or time.monotonic() > deadline:
+                if (time.time() - signature[0] / 1e9 >= SETTLE_SECONDS
+                        or time.monotonic() > deadline):
                     raise
         time.sleep(0.05)
 
 
 class ForwardHandler:
-    """A `<event>[.<label>].forward` file: POST each event's body to the URL it names; a 2xx is success.
+    """A `<event>[.<label>].forward` file: POST each event's body to the URL it names; a 2xx is
+    success.
 
     The file is read when loaded; the Registry loads it again when it changes,
     like any handler. Its ${VAR}s are filled in then, from wabhook's own
     environment, which is fixed when wabhook starts: a new value takes a restart.
     """
 
-    form = "forward"  # what kind of handler (python, script, forward); was `kind` before commit 7356d58
+    # what kind of handler (python, script, forward); was `kind` before commit 7356d58
+    form = "forward"
 
     def __init__(self, name: str, path: str, signature, target: ForwardTarget):
         self.name, self.path, self.signature, self.target = name, path, signature, target
 
     @classmethod
     def load(cls, name: str, path: str, environ: Dict[str, str]) -> "ForwardHandler":
+        """Read and check a .forward file; HandlerLoadError if it is not usable."""
         target, signature = _load_forward_file(name, path, environ)
         return cls(name, path, signature, target)
 
     def run(self, event: Event, body: str, context: "RunContext") -> None:
-        """POST the event's body as stored (or wrapped); HandlerFailed unless the target answers 2xx in time."""
+        """POST the event's body as stored (or wrapped); HandlerFailed unless the target answers 2xx
+        in time."""
         sent = body
         if self.target.wrap == "kafka":
-            sent = json.dumps({"records": [{"key": lane_of(event.raw, event.bridge), "value": event.raw}]})
+            sent = json.dumps({"records": [{"key": lane_of(event.raw, event.bridge),
+                                            "value": event.raw}]})
         payload = sent.encode("utf-8")
         timeout = min(self.target.timeout, context.timeout)  # the file's, within --script-timeout
         status, reply, location = context.connections.post(self.target, payload,
-                                                           self.headers(event, body, payload), timeout)
+                                                           self.headers(event, body, payload),
+                                                           timeout)
         if 200 <= status < 300:
             return None
         text = _printable(reply.decode("utf-8", "replace").strip(), 200)
@@ -2268,17 +2455,20 @@ class ForwardHandler:
         raise HandlerFailed("target answered %d%s" % (status, ": " + text if text else ""))
 
     def headers(self, event: Event, body: str, payload: bytes) -> List[Tuple[str, str]]:
-        """The file's headers, then the defaults it does not replace, then the Standard Webhooks ones."""
+        """The file's headers, then the defaults it does not replace, then the Standard Webhooks
+        ones."""
         headers = list(self.target.headers)
         written = {header_name.lower() for header_name, _value in headers}
         if "content-type" not in written:
-            headers.append(("Content-Type", FORWARD_WRAPS.get(self.target.wrap or "", "application/json")))
+            headers.append(("Content-Type", FORWARD_WRAPS.get(self.target.wrap or "",
+                                                              "application/json")))
         if "user-agent" not in written:
             headers.append(("User-Agent", "wabhook/" + __version__))
         message_id, timestamp = webhook_id(event, body), str(int(time.time()))
         headers += [("webhook-id", message_id), ("webhook-timestamp", timestamp)]
         if self.target.key is not None:
-            headers.append(("webhook-signature", webhook_signature(self.target.key, message_id, timestamp, payload)))
+            headers.append(("webhook-signature", webhook_signature(self.target.key, message_id,
+                                                                   timestamp, payload)))
         return headers
 
 
@@ -2291,7 +2481,8 @@ def script_environment(config: Config, environ: Dict[str, str]) -> Dict[str, str
     Never the server's whole environment: WABHOOK_TOKEN and WABHOOK_SECRET
     (the way a systemd unit passes them) must not reach every script.
     """
-    names = SCRIPT_ENVIRONMENT + tuple(name for name in config.script_env if name not in SCRIPT_ENVIRONMENT)
+    names = SCRIPT_ENVIRONMENT + tuple(name for name in config.script_env
+                                       if name not in SCRIPT_ENVIRONMENT)
     return {name: environ[name] for name in names if name in environ}
 
 
@@ -2323,7 +2514,8 @@ class Registry:
         self._listed_at = 0.0
         self._files: Dict[str, tuple] = {}       # name -> signature, as last listed
         self._last_seen: Dict[str, float] = {}   # name -> when it was last listed
-        self._loaded: Dict[str, object] = {}     # name -> PythonHandler | ScriptHandler | ForwardHandler
+        # name -> PythonHandler | ScriptHandler | ForwardHandler
+        self._loaded: Dict[str, object] = {}
         self._helpers: Dict[str, tuple] = {}     # _helper.py -> signature
         self.environ = dict(environ or {})       # what ${VAR} in a .forward file reads
         make_importable(self.folder)
@@ -2360,15 +2552,18 @@ class Registry:
                 del self._last_seen[name]
                 self._loaded.pop(name, None)
                 self._warned.pop(name, None)
-                self.log.info("dropped handler %s: its file is gone; events from now on do not go to it", name)
+                self.log.info("dropped handler %s: its file is gone; events from now on "
+                              "do not go to it", name)
         if helpers != self._helpers:
-            self._forget_helpers([name for name in helpers if helpers[name] != self._helpers.get(name)])
+            self._forget_helpers([name for name in helpers
+                                  if helpers[name] != self._helpers.get(name)])
             self._helpers = helpers
         self._files = files
 
     def _forget_helpers(self, changed: List[str]):
         """Drop imported helper modules of the folder, so handlers re-import the new code."""
-        for name in changed:  # a .pyc is checked by whole-second mtime and size only: a quick re-save fools it
+        # a .pyc is checked by whole-second mtime and size only: a quick re-save fools it
+        for name in changed:
             with contextlib.suppress(OSError):
                 os.remove(importlib.util.cache_from_source(os.path.join(self.folder, name)))
         for module_name, module in list(sys.modules.items()):
@@ -2390,7 +2585,8 @@ class Registry:
             self._list()
             now = time.monotonic()
             present = set(self._files)
-            present |= {name for name, seen in self._last_seen.items() if now - seen < SETTLE_SECONDS}
+            present |= {name for name, seen in self._last_seen.items()
+                        if now - seen < SETTLE_SECONDS}
             return sorted(present)
 
     def fresh_lookup(self) -> Callable[[str], List[str]]:
@@ -2410,9 +2606,11 @@ class Registry:
                 found[event_type] = self.handlers_for(event_type)
                 if not found[event_type] and event_type not in self._said_unhandled:
                     self._said_unhandled.add(event_type)
-                    self.log.info("a %s event arrived and no handler takes it: add handlers/%s.py (or an"
+                    self.log.info("a %s event arrived and no handler takes it: add "
+                                  "handlers/%s.py (or an"
                                   " all.py) to handle such events (said once per type)",
-                                  event_type, event_type if re.fullmatch(r"[\w-]{1,64}", event_type) else "<type>")
+                                  event_type, event_type if re.fullmatch(r"[\w-]{1,64}", event_type)
+                                  else "<type>")
             return found[event_type]
         return lookup
 
@@ -2440,7 +2638,8 @@ class Registry:
                     return cached
                 # Loading runs the handler's module code: not under the lock, so
                 # a slow import cannot stall fan-out or the other workers.
-                with self._loading_lock(name):  # one load a file: workers starting together share it
+                # one load a file: workers starting together share it
+                with self._loading_lock(name):
                     current = self._loaded.get(name)
                     if current is not None and current.signature == signature:
                         return current
@@ -2480,7 +2679,8 @@ class Registry:
         if self._warned.get(name) != signature:
             self._warned[name] = signature
             self.log.warning("broken handler %s: %s; its events wait for the fix (%s check says"
-                             " the same)", name, problem.rstrip(), _program_name(), extra={"handler": name})
+                             " the same)", name, problem.rstrip(), _program_name(),
+                             extra={"handler": name})
 
 
 class HandlerOutput:
@@ -2497,7 +2697,8 @@ class HandlerOutput:
 
     @contextlib.contextmanager
     def attributed_to(self, handler: str, event_id: int, captured: Optional[List[str]] = None):
-        """Route this thread's writes to the log for the duration of one handler run (and to `captured`)."""
+        """Route this thread's writes to the log for the duration of one handler run (and to
+        `captured`)."""
         self._context.run = {"handler": handler, "event_id": event_id, "partial": "", "logged": 0,
                              "captured": captured if captured is not None else []}
         try:
@@ -2508,6 +2709,7 @@ class HandlerOutput:
                 self._emit(run, run["partial"])
 
     def write(self, text):
+        """Log a handler run's writes line by line (and capture them); else pass them on."""
         run = getattr(self._context, "run", None)
         if run is None or getattr(self._context, "emitting", False):
             return self._stream.write(text)
@@ -2531,6 +2733,7 @@ class HandlerOutput:
             self._context.emitting = False
 
     def flush(self):
+        """Flush the underlying stream, unless a handler run's lines are being logged."""
         if getattr(self._context, "run", None) is None:
             self._stream.flush()
 
@@ -2541,22 +2744,28 @@ class HandlerOutput:
 Problem = namedtuple("Problem", "file message")
 
 
-def check_handlers(folder: str, environ: Optional[Dict[str, str]] = None) -> Tuple[List[str], List[Problem]]:
-    """Load every handler in `folder` as the server would: (handler names that are fine, problems found)."""
+def check_handlers(folder: str, environ: Optional[Dict[str, str]] = None) -> Tuple[List[str],
+                                                                                   List[Problem]]:
+    """Load every handler in `folder` as the server would: (handler names that are fine, problems
+    found)."""
     problems: List[Problem] = []
     good: List[str] = []
     if os.path.exists(folder) and not os.path.isdir(folder):
-        return good, [Problem(folder, "is a file, not a folder: pass the folder your handlers are in")]
+        return good, [Problem(folder, "is a file, not a folder: pass the folder your "
+                                      "handlers are in")]
     if not os.path.isdir(folder):
-        return good, [Problem(folder, "the handlers folder does not exist (create it, or pass --handlers DIR)")]
+        return good, [Problem(folder, "the handlers folder does not exist (create it, or pass "
+                                      "--handlers DIR)")]
     registry = Registry(folder, log=logging.getLogger("wabhook.check"), environ=environ)
     registry.log.disabled = True  # the problems are printed, not logged
     registry._list(force=True)
     for name, signature in sorted(registry._files.items()):
         meant = near_event(handler_event(name))
         if meant:
-            problems.append(Problem(name, "%r matches no documented event; did you mean %s? (name it %s)"
-                                    % (handler_event(name), meant, meant + name[len(handler_event(name)):])))
+            problems.append(Problem(name, "%r matches no documented event; did you mean "
+                                          "%s? (name it %s)"
+                                    % (handler_event(name), meant, meant
+                                       + name[len(handler_event(name)):])))
             continue
         try:
             registry._load(name, signature)
@@ -2573,7 +2782,8 @@ def check_handlers(folder: str, environ: Optional[Dict[str, str]] = None) -> Tup
 
 RETRY_DELAY_CAP = 3600.0
 IDLE_POLL_SECONDS = 1.0     # other processes (the CLI's replay, a second server) are seen this fast
-PRUNE_EVERY_SECONDS = 600.0  # at start, then this often (or every --retention if shorter, at most every second)
+# at start, then this often (or every --retention if shorter, at most every second)
+PRUNE_EVERY_SECONDS = 600.0
 
 
 def retry_delay(attempt: int, base: float, cap: float = RETRY_DELAY_CAP,
@@ -2645,7 +2855,8 @@ class Dispatcher:
 
     def __init__(self, config: Config, inbox: Inbox, registry: Registry, metrics: "Metrics",
                  log: logging.Logger, script_environment: Optional[Dict[str, str]] = None):
-        self.config, self.inbox, self.registry, self.metrics, self.log = config, inbox, registry, metrics, log
+        self.config, self.inbox, self.registry, self.metrics, self.log = (
+            config, inbox, registry, metrics, log)
         self.context = RunContext(config.script_timeout, script_environment or {}, log)
         self.owner = "%s:%d:%s" % (socket.gethostname(), os.getpid(), secrets.token_hex(4))
         self._tasks: "queue.Queue[Optional[Claim]]" = queue.Queue()
@@ -2655,23 +2866,28 @@ class Dispatcher:
         self._idle = threading.Condition()
         self._busy = 0
         self._runs: Dict[int, _Run] = {}
-        self._unrecorded: List[tuple] = []  # outcomes the inbox could not take yet (see _store_outcome)
+        # outcomes the inbox could not take yet (see _store_outcome)
+        self._unrecorded: List[tuple] = []
         self._recording_failed = False
         self._next_worker = 0
         self._loop_thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
+        """Take back runs a stopped process left, then start the workers and the loop."""
         recovered = self.inbox.recover_leases(self.after_failure, _owner_is_dead)
         if recovered:
             self.log.warning("took back %d deliveries left running by a stopped process", recovered)
         for _ in range(self.config.workers):
             self._start_worker()
-        self._loop_thread = threading.Thread(target=self._loop, name="wabhook-dispatch", daemon=True)
+        self._loop_thread = threading.Thread(target=self._loop, name="wabhook-dispatch",
+                                             daemon=True)
         self._loop_thread.start()
 
     def wake(self) -> None:
-        """Tell the loop there may be something to claim (a new event). A no-op while every worker is busy:
-        a finishing worker wakes the loop itself, so a burst of acks behind hung handlers costs nothing here."""
+        """Tell the loop there may be something to claim (a new event). A no-op while every worker
+        is busy:
+        a finishing worker wakes the loop itself, so a burst of acks behind hung handlers costs
+        nothing here."""
         if self._wants_claims():
             self._wake.set()
 
@@ -2711,13 +2927,16 @@ class Dispatcher:
                 if self.registry.folder_missing():
                     # Not a folder of no handlers: fanning out now would mark every event done.
                     if not folder_missing:
-                        self.log.error("the handlers folder %s is missing; events are stored and wait for"
+                        self.log.error("the handlers folder %s is missing; events are "
+                                       "stored and wait for"
                                        " it to come back", self.registry.folder)
                     folder_missing = True
                 elif self._wants_claims() or now - last_fan_out >= IDLE_POLL_SECONDS:
-                    self.registry.names()  # a listing, at most every RESCAN_SECONDS: drops are seen (and logged)
+                    # a listing, at most every RESCAN_SECONDS: drops are seen (and logged)
+                    self.registry.names()
                     if folder_missing:
-                        self.log.info("the handlers folder %s is back; dispatching resumes", self.registry.folder)
+                        self.log.info("the handlers folder %s is back; dispatching resumes",
+                                      self.registry.folder)
                     folder_missing = False
                     # With enough claimed, new events are still fanned out (so an event no
                     # handler wants is done) once a poll, not once an ack.
@@ -2739,7 +2958,8 @@ class Dispatcher:
             self._wake.wait(wait)
 
     def _wants_claims(self) -> bool:
-        """Whether to claim more: a worker is free, and the claims not yet run are fewer than the workers.
+        """Whether to claim more: a worker is free, and the claims not yet run are fewer than the
+        workers.
 
         Claims are made ahead, up to twice --workers in all, so a worker that
         finishes finds its next event already leased instead of waiting for a
@@ -2761,22 +2981,26 @@ class Dispatcher:
         return min(IDLE_POLL_SECONDS, max(0.0, due - time.time()))
 
     def _abandon_overdue_runs(self) -> None:
-        """A Python handler past --script-timeout cannot be killed: fail the run and replace its worker."""
+        """A Python handler past --script-timeout cannot be killed: fail the run and replace its
+        worker."""
         limit = self.config.script_timeout
         overdue = []
         with self._idle:
             for worker_id, run in list(self._runs.items()):
-                if run.form == "python" and not run.abandoned and time.monotonic() - run.started > limit:
+                if (run.form == "python" and not run.abandoned
+                        and time.monotonic() - run.started > limit):
                     run.abandoned = True
                     del self._runs[worker_id]
                     self._busy -= 1
                     overdue.append(run)
         for run in overdue:
-            self.log.error("handler %s is still running event %d after %gs; its result will be ignored"
+            self.log.error("handler %s is still running event %d after %gs; its result "
+                           "will be ignored"
                            " and its thread left to finish", run.handler, run.claim.event_id, limit,
                            extra={"handler": run.handler, "event_id": run.claim.event_id})
             self._record(run.claim, run.handler, "failed",
-                         "timed out after %gs (Python handlers cannot be killed; the run was abandoned)" % limit,
+                         "timed out after %gs (Python handlers cannot be killed; the run "
+                         "was abandoned)" % limit,
                          limit, run)
             rest = run.claim.handlers[run.claim.handlers.index(run.handler) + 1:]
             if rest:
@@ -2797,20 +3021,23 @@ class Dispatcher:
                 # A bug of ours, not a handler's (those are caught per run): the worker lives on.
                 with self._idle:
                     self._runs.pop(worker_id, None)
-                self._fail_claim(claim, "wabhook failed while running it:\n" + traceback.format_exc())
+                self._fail_claim(claim, "wabhook failed while running it:\n"
+                                 + traceback.format_exc())
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
             self.wake()
 
     def after_failure(self, attempt: int) -> Tuple[str, float]:
-        """The one decision after failed attempt number `attempt`: ("pending", retry time) or ("dead", 0)."""
+        """The one decision after failed attempt number `attempt`: ("pending", retry time) or
+        ("dead", 0)."""
         if attempt >= self.config.retries:
             return "dead", 0.0
         return "pending", time.time() + retry_delay(attempt, self.config.retry_delay)
 
     def _fail_claim(self, claim: Claim, error: str) -> None:
-        """Record the claim's unfinished runs as failed, so a lasting bug is retried with backoff, not spun."""
+        """Record the claim's unfinished runs as failed, so a lasting bug is retried with backoff,
+        not spun."""
         self.log.error("failed while running event %d:\n%s", claim.event_id, error)
         for handler in claim.handlers:  # runs recorded already are skipped: their lease is gone
             status, retry_at = self.after_failure(claim.attempts.get(handler, 1))
@@ -2830,7 +3057,8 @@ class Dispatcher:
                 if run.abandoned:
                     return True
                 self._runs.pop(worker_id, None)
-            if outcome == "released":  # the whole handlers folder vanished: nothing ran, nothing counts
+            # the whole handlers folder vanished: nothing ran, nothing counts
+            if outcome == "released":
                 self.inbox.release_leases(self.owner, claim.event_id, claim.handlers[index:])
                 return False
             self._record(claim, handler_name, outcome, error, duration, run)
@@ -2841,10 +3069,12 @@ class Dispatcher:
         started = time.monotonic()
         claim = run.claim
         try:
-            with self._attributed(run.handler, claim.event_id, run.output):  # its prints while loading count too
+            # its prints while loading count too
+            with self._attributed(run.handler, claim.event_id, run.output):
                 handler = self.registry.get(run.handler)
                 run.form = handler.form
-                event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id, claim.received_at)
+                event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id,
+                                    claim.received_at)
                 result = handler.run(event, claim.body, self.context)
             if result is not None:  # a script: its exit status and output
                 run.exit_status, run.output[:] = result[0], [result[1]]
@@ -2872,31 +3102,40 @@ class Dispatcher:
                 stack.enter_context(stream.attributed_to(handler, event_id, captured))
         return stack
 
-    def _record(self, claim: Claim, handler: str, outcome: str, error: Optional[str], duration: float,
+    def _record(self, claim: Claim, handler: str, outcome: str, error: Optional[str],
+                duration: float,
                 run: _Run) -> None:
         attempt = claim.attempts.get(handler, 1)
         extra = {"handler": handler, "event_id": claim.event_id}
         self.metrics.handler_run(handler, outcome, duration)
         if outcome == "ok":
             status, retry_at = "done", 0.0
-            self.log.debug("handler %s handled event %d in %.3fs", handler, claim.event_id, duration, extra=extra)
+            self.log.debug("handler %s handled event %d in %.3fs", handler, claim.event_id,
+                           duration, extra=extra)
         elif outcome == "skipped":
             status, retry_at = "skipped", 0.0  # shown as such: the handler never saw the event
-            self.log.warning("handler %s skipped event %d: %s", handler, claim.event_id, error, extra=extra)
+            self.log.warning("handler %s skipped event %d: %s", handler, claim.event_id, error,
+                             extra=extra)
         else:
             status, retry_at = self.after_failure(attempt)
             if status == "dead":
                 self.log.error("handler %s failed event %d (attempt %d of %d), dead-lettered;"
-                               " replay it with `%s replay %d`:\n%s", handler, claim.event_id, attempt,
-                               self.config.retries, _program_name(), claim.event_id, error, extra=extra)
+                               " replay it with `%s replay %d`:\n%s", handler, claim.event_id,
+                               attempt,
+                               self.config.retries, _program_name(), claim.event_id, error,
+                               extra=extra)
             else:
-                self.log.warning("handler %s failed event %d (attempt %d of %d), next try in %.1fs:\n%s",
-                                 handler, claim.event_id, attempt, self.config.retries, retry_at - time.time(),
+                self.log.warning("handler %s failed event %d (attempt %d of %d), next try "
+                                 "in %.1fs:\n%s",
+                                 handler, claim.event_id, attempt, self.config.retries,
+                                 retry_at - time.time(),
                                  error, extra=extra)
         output = "".join(run.output)
         if len(output) > OUTPUT_KEPT:
-            output = output[:OUTPUT_KEPT] + "\n[%d more characters not kept]" % (len(output) - OUTPUT_KEPT)
-        self._store_outcome((claim.event_id, handler, status, error, retry_at, output or None, run.exit_status))
+            output = (output[:OUTPUT_KEPT]
+                      + "\n[%d more characters not kept]" % (len(output) - OUTPUT_KEPT))
+        self._store_outcome((claim.event_id, handler, status, error, retry_at, output or None,
+                             run.exit_status))
 
     def _store_outcome(self, outcome: tuple) -> None:
         """Record a run's outcome without waiting for the commit (it joins the next batch).
@@ -2913,10 +3152,12 @@ class Dispatcher:
                 self._unrecorded.append(outcome)
                 first, self._recording_failed = not self._recording_failed, True
             if first:
-                self.log.error("cannot record handler outcomes: %s; they are kept and recorded once the"
+                self.log.error("cannot record handler outcomes: %s; they are kept and "
+                               "recorded once the"
                                " inbox is writable", error)
         event_id, handler, status, error, retry_at, output, exit_status = outcome
-        self.inbox.record_outcome(event_id, handler, self.owner, status, error, retry_at, on_done=stored,
+        self.inbox.record_outcome(event_id, handler, self.owner, status, error, retry_at,
+                                  on_done=stored,
                                   output=output, exit_status=exit_status)
 
     def _retry_unrecorded(self) -> None:
@@ -2931,7 +3172,8 @@ class Dispatcher:
     # -- shutdown ----------------------------------------------------------
 
     def stop_waiting(self) -> None:
-        """End stop()'s wait for running handlers now (a second SIGTERM); safe from a signal handler."""
+        """End stop()'s wait for running handlers now (a second SIGTERM); safe from a signal
+        handler."""
         self._stop_waiting.set()
 
     def stop(self, timeout: float) -> bool:
@@ -2956,15 +3198,18 @@ class Dispatcher:
                     self._busy -= 1
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._busy > 0 and time.monotonic() < deadline and not self._stop_waiting.is_set():
+            while (self._busy > 0 and time.monotonic() < deadline
+                   and not self._stop_waiting.is_set()):
                 self._idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             finished = self._busy <= 0
         if not finished:
             if self._stop_waiting.is_set():
-                self.log.warning("a second signal: %d running handler runs abandoned; they go back to the"
+                self.log.warning("a second signal: %d running handler runs abandoned; they "
+                                 "go back to the"
                                  " inbox", self._busy)
             else:
-                self.log.warning("%d handler runs did not finish within %gs; they go back to the inbox",
+                self.log.warning("%d handler runs did not finish within %gs; they go "
+                                 "back to the inbox",
                                  self._busy, timeout)
             with contextlib.suppress(InboxUnavailable):
                 self.inbox.release_leases(self.owner)
@@ -2997,54 +3242,67 @@ class HTTPError(Exception):
 
 
 class BadRequest(HTTPError):
+    """400."""
     status = 400
 
 
 class Unauthorized(HTTPError):
+    """401."""
     status = 401
 
 
 class NotFound(HTTPError):
+    """404."""
     status = 404
 
 
 class MethodNotAllowed(HTTPError):
+    """405."""
     status = 405
 
 
 class RequestTimeout(HTTPError):
+    """408."""
     status = 408
 
 
 class LengthRequired(HTTPError):
+    """411."""
     status = 411
 
 
 class PayloadTooLarge(HTTPError):
+    """413."""
     status = 413
 
 
 class URITooLong(HTTPError):
+    """414."""
     status = 414
 
 
 class HeadersTooLarge(HTTPError):
+    """431."""
     status = 431
 
 
 class VersionNotSupported(HTTPError):
+    """505."""
     status = 505
 
 
 class ServiceUnavailable(HTTPError):
+    """503."""
     status = 503
 
 
 class Conflict(HTTPError):
+    """409."""
     status = 409
 
 
 class Forbidden(HTTPError):
+    """403."""
     status = 403
 
 
@@ -3093,7 +3351,8 @@ def sign_body(key: bytes, body: bytes, now: Optional[float] = None) -> Dict[str,
     timestamp = str(int(time.time() if now is None else now))
     signed = ("%s.%s." % (message_id, timestamp)).encode("ascii") + body
     signature = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
-    return {"webhook-id": message_id, "webhook-timestamp": timestamp, "webhook-signature": "v1," + signature}
+    return {"webhook-id": message_id, "webhook-timestamp": timestamp, "webhook-signature": "v1,"
+            + signature}
 
 
 def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = None) -> None:
@@ -3102,9 +3361,11 @@ def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = No
     timestamp = headers.get("webhook-timestamp", "")
     signatures = headers.get("webhook-signature", "")
     if not (message_id and timestamp and signatures):
-        raise Unauthorized("missing_signature", "webhook-id, webhook-timestamp and webhook-signature are required",
+        raise Unauthorized("missing_signature", "webhook-id, webhook-timestamp and "
+                                                "webhook-signature are required",
                            close=False)
-    if not re.fullmatch(r"[0-9]{1,15}", timestamp):  # str.isdigit() also takes "²", which int() refuses
+    # str.isdigit() also takes "²", which int() refuses
+    if not re.fullmatch(r"[0-9]{1,15}", timestamp):
         raise Unauthorized("bad_signature", "webhook-timestamp is not a Unix time")
     now = time.time() if now is None else now
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
@@ -3143,9 +3404,11 @@ def parse_body(body: bytes) -> Tuple[str, dict]:
     # (an event has a handful; the count also counts brackets inside strings).
     containers = body.count(b"[") + body.count(b"{")
     if containers > MAX_JSON_CONTAINERS:
-        raise BadRequest("too_complex", "the body holds more than %d JSON arrays and objects" % MAX_JSON_CONTAINERS)
+        raise BadRequest("too_complex", "the body holds more than %d JSON arrays and objects"
+                         % MAX_JSON_CONTAINERS)
     if containers > MAX_JSON_DEPTH and _nesting(body) > MAX_JSON_DEPTH:
-        raise BadRequest("too_complex", "the body nests arrays and objects more than %d deep" % MAX_JSON_DEPTH)
+        raise BadRequest("too_complex", "the body nests arrays and objects more than %d deep"
+                         % MAX_JSON_DEPTH)
     try:
         payload = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
@@ -3154,9 +3417,11 @@ def parse_body(body: bytes) -> Tuple[str, dict]:
         raise BadRequest("not_an_object", "the body must be a JSON object")
     event_type = payload.get("event")
     if not isinstance(event_type, str) or not event_type.strip():
-        raise BadRequest("missing_event", "the body needs an \"event\" member that is a non-empty string")
+        raise BadRequest("missing_event", "the body needs an \"event\" member that is a "
+                                          "non-empty string")
     if len(event_type) > MAX_EVENT_TYPE or "\x00" in event_type or _has_surrogates(event_type):
-        raise BadRequest("bad_event", "the \"event\" member must be 1 to %d characters of text, without NUL"
+        raise BadRequest("bad_event", "the \"event\" member must be 1 to %d characters of "
+                                      "text, without NUL"
                          % MAX_EVENT_TYPE)
     return text, payload
 
@@ -3186,7 +3451,8 @@ MAX_HEAD = 64 * 1024          # request line and header fields in all; more: 431
 MAX_HEADER_FIELDS = 100       # more: 431
 FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 FIELD_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than tab
-REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
+REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e\x80-\xff]+) "
+                          rb"HTTP/([0-9])\.([0-9])")
 
 
 class Headers:
@@ -3198,10 +3464,12 @@ class Headers:
         self._fields = fields
 
     def get(self, name: str, default=None):
+        """The first value of header `name` (any case), else `default`."""
         values = self._fields.get(name.lower())
         return values[0] if values else default
 
     def get_all(self, name: str) -> List[str]:
+        """Every value of header `name` (any case), in the order received."""
         return self._fields.get(name.lower(), [])
 
 
@@ -3220,42 +3488,51 @@ class Request:
 
     @property
     def has_body(self) -> bool:
+        """Whether a body follows the head (chunked, or a Content-Length above 0)."""
         return self.chunked or self.length > 0
 
 
 def _body_framing(headers: Headers) -> Tuple[int, bool]:
-    """(Content-Length, chunked) as RFC 9112 §6 allows them, else BadRequest (the connection closes)."""
+    """(Content-Length, chunked) as RFC 9112 §6 allows them, else BadRequest (the connection
+    closes)."""
     encodings = headers.get_all("Transfer-Encoding")
     lengths = headers.get_all("Content-Length")
     if encodings and lengths:  # a request smuggling attempt, or a broken proxy: never guess
-        raise BadRequest("bad_request", "Content-Length and Transfer-Encoding must not come together",
+        raise BadRequest("bad_request", "Content-Length and Transfer-Encoding must not "
+                                        "come together",
                          close=True)
     if encodings:
         codings = [coding.strip().lower() for coding in ",".join(encodings).split(",")]
         if codings != ["chunked"]:
-            raise BadRequest("bad_transfer_encoding", "only chunked transfer-encoding is supported", close=True)
+            raise BadRequest("bad_transfer_encoding", "only chunked transfer-encoding is supported",
+                             close=True)
         return 0, True
     if not lengths:
         return 0, False
-    if len(set(value.strip() for value in lengths)) != 1 or not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
+    if len(set(value.strip() for value in lengths)) != 1 or not re.fullmatch(r"[0-9]{1,18}",
+                                                                             lengths[0].strip()):
         raise BadRequest("bad_length", "Content-Length is not one whole number", close=True)
     return int(lengths[0]), False
 
 
 def parse_head(head: bytes) -> Request:
-    """The request in a head (request line and header fields, without the blank line), or HTTPError."""
+    """The request in a head (request line and header fields, without the blank line), or
+    HTTPError."""
     lines = head.split(b"\n")
     request_line = lines[0].rstrip(b"\r")
     if len(request_line) > MAX_REQUEST_LINE:
-        raise URITooLong("http_414", "the request line is over %d bytes" % MAX_REQUEST_LINE, close=True)
+        raise URITooLong("http_414", "the request line is over %d bytes" % MAX_REQUEST_LINE,
+                         close=True)
     match = REQUEST_LINE.fullmatch(request_line)
     if not match:
-        raise BadRequest("bad_request", "the request line is not METHOD TARGET HTTP/1.1", close=True)
+        raise BadRequest("bad_request", "the request line is not METHOD TARGET HTTP/1.1",
+                         close=True)
     method, target, major, minor = match.groups()
     if major != b"1":
         raise VersionNotSupported("http_505", "only HTTP/1.0 and HTTP/1.1 are served", close=True)
     if len(lines) - 1 > MAX_HEADER_FIELDS:
-        raise HeadersTooLarge("http_431", "more than %d header fields" % MAX_HEADER_FIELDS, close=True)
+        raise HeadersTooLarge("http_431", "more than %d header fields" % MAX_HEADER_FIELDS,
+                              close=True)
     fields: Dict[str, List[str]] = {}
     for line in lines[1:]:
         line = line[:-1] if line.endswith(b"\r") else line
@@ -3331,7 +3608,8 @@ class _ChunkedBody:
             return
         self.total += size
         if self.total > self.limit:
-            raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % self.limit, close=True)
+            raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % self.limit,
+                                  close=True)
         self.state, self.remaining = "data", size
 
 
@@ -3354,8 +3632,10 @@ def _find_head(buffer: bytearray) -> Optional[bytes]:
     if len(buffer) > MAX_HEAD:
         newline = buffer.find(b"\n")
         if newline < 0 or newline > MAX_REQUEST_LINE:
-            raise URITooLong("http_414", "the request line is over %d bytes" % MAX_REQUEST_LINE, close=True)
-        raise HeadersTooLarge("http_431", "the request head is over %d bytes" % MAX_HEAD, close=True)
+            raise URITooLong("http_414", "the request line is over %d bytes" % MAX_REQUEST_LINE,
+                             close=True)
+        raise HeadersTooLarge("http_431", "the request head is over %d bytes" % MAX_HEAD,
+                              close=True)
     return None
 
 
@@ -3364,7 +3644,8 @@ def _http_date(second: int) -> str:
     return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
 
 
-def http_response(status: int, body: bytes, content_type: str, close: bool = False, headers: Tuple = (),
+def http_response(status: int, body: bytes, content_type: str, close: bool = False,
+                  headers: Tuple = (),
                   head_only: bool = False) -> bytes:
     """Status line, headers and body as one buffer: one write, one packet for a small reply."""
     lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
@@ -3390,22 +3671,27 @@ class _Connection:
         self.buffer, self.out = bytearray(), bytearray()
         self.request: Optional[Request] = None   # the request whose body is being read or answered
         self.started: Optional[float] = None
-        self.body = None                          # a _ChunkedBody, or the Content-Length still to come
-        self.busy = False                         # answered elsewhere (the inbox's commit, a thread)
+        # a _ChunkedBody, or the Content-Length still to come
+        self.body = None
+        # answered elsewhere (the inbox's commit, a thread)
+        self.busy = False
         self.close_after = False
         self.eof = False
-        self.writing = False                      # registered for EVENT_WRITE: a reply did not fit the socket
+        # registered for EVENT_WRITE: a reply did not fit the socket
+        self.writing = False
         self.reserved = 0                         # bytes of --max-inflight its body holds so far
 
 
 # How often the front looks for connections past their deadline, and for a stop.
 SWEEP_SECONDS = 0.05
 ACCEPT_PAUSE_SECONDS = 0.1  # after accept() ran out of descriptors
-SLOW_REQUEST_SECONDS = 0.25  # a request still arriving after this may be closed to make room for a new connection
+# a request still arriving after this may be closed to make room for a new connection
+SLOW_REQUEST_SECONDS = 0.25
 
 
 class FrontServices(typing.Protocol):
-    """What the HTTP front uses of the server (the Server provides it): the one interface between them."""
+    """What the HTTP front uses of the server (the Server provides it): the one interface between
+    them."""
 
     config: Config
     log: logging.Logger
@@ -3443,10 +3729,12 @@ class HTTPFront:
         self._stopping = False
         self._listening = True
         self._accept_paused_until: Optional[float] = None
-        self._refused, self._refusal_logged, self._accept_error_logged = 0, float("-inf"), float("-inf")
+        self._refused, self._refusal_logged, self._accept_error_logged = (
+            0, float("-inf"), float("-inf"))
         self.thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
+        """Watch the listener and the wakeup pipe, and serve in a thread of its own."""
         self.listener.setblocking(False)
         self._wakeup_receiver.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, None)
@@ -3467,7 +3755,8 @@ class HTTPFront:
         self._wake()
 
     def complete(self, connection: _Connection, reply: Callable, *args) -> None:
-        """Run reply(connection, *args) in the front's thread soon: how another thread answers a request."""
+        """Run reply(connection, *args) in the front's thread soon: how another thread answers a
+        request."""
         self._completed.append((connection, reply, args))
         if threading.current_thread() is not self.thread:
             self._wake()
@@ -3535,15 +3824,18 @@ class HTTPFront:
                 continue
             sock.setblocking(False)
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed-ACK stall
+                # no 40 ms delayed-ACK stall
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection = _Connection(sock, address[0], time.monotonic() + self.config.timeout,
                                      isinstance(sock, ssl.SSLSocket))
             self.connections[sock.fileno()] = connection
             self.selector.register(sock, selectors.EVENT_READ, connection)
 
     def _make_room(self) -> bool:
-        """Close the connection idle the longest (between requests, nothing pending); else the one whose
-        request has been arriving the longest, if for over SLOW_REQUEST_SECONDS (a sender that trickles);
+        """Close the connection idle the longest (between requests, nothing pending); else the one
+        whose
+        request has been arriving the longest, if for over SLOW_REQUEST_SECONDS (a sender that
+        trickles);
         False if there is neither."""
         idle, slow = [], []
         stalled_before = time.monotonic() + self.config.timeout - SLOW_REQUEST_SECONDS
@@ -3552,7 +3844,8 @@ class HTTPFront:
                 continue
             if connection.request is None and not connection.buffer and not connection.handshaking:
                 idle.append(connection)
-            elif connection.deadline < stalled_before:  # deadline: when its request began, plus --timeout
+            # deadline: when its request began, plus --timeout
+            elif connection.deadline < stalled_before:
                 slow.append(connection)
         if not idle and not slow:
             return False
@@ -3564,18 +3857,22 @@ class HTTPFront:
         self._refused += 1
         now = time.monotonic()
         if now - self._refusal_logged >= 1.0:
-            self.app.log.warning("refused %d connections: %d are open, every one busy with a request"
+            self.app.log.warning("refused %d connections: %d are open, every one busy "
+                                 "with a request"
                                  " (--max-connections %d)", self._refused, len(self.connections),
                                  self.config.max_connections)
             self._refused, self._refusal_logged = 0, now
 
     def _cannot_accept(self, exc: OSError) -> None:
-        """accept() failed: out of file descriptors (EMFILE, ENFILE) or memory. Make room, pause, say so."""
+        """accept() failed: out of file descriptors (EMFILE, ENFILE) or memory. Make room, pause,
+        say so."""
         now = time.monotonic()
         if now - self._accept_error_logged >= 60.0:
             self._accept_error_logged = now
-            self.app.log.error("cannot accept connections: %s; %d are open (raise the descriptor limit,"
-                               " e.g. LimitNOFILE= in the systemd unit, or lower --max-connections)",
+            self.app.log.error("cannot accept connections: %s; %d are open (raise the "
+                               "descriptor limit,"
+                               " e.g. LimitNOFILE= in the systemd unit, or lower "
+                               "--max-connections)",
                                exc.strerror or exc, len(self.connections))
         self._make_room()
         # The listener stays readable while the backlog waits: without a pause the loop would spin.
@@ -3610,7 +3907,8 @@ class HTTPFront:
                 self._refuse(connection, RequestTimeout(
                     "body_timeout", "the body did not arrive within the timeout", close=True))
             else:
-                self._close(connection)  # idle, or a head too slow: closed without a word, as http.server does
+                # idle, or a head too slow: closed without a word, as http.server does
+                self._close(connection)
 
     def _on_ready(self, connection: _Connection, mask: int) -> None:
         try:
@@ -3627,7 +3925,8 @@ class HTTPFront:
             pass
         except ssl.SSLWantWriteError:
             connection.writing = True
-            self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+            self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 connection)
         except (OSError, ValueError) as exc:  # reset, a failed handshake, a closed socket
             self.app.log.debug("connection from %s ended: %s", connection.peer, exc)
             self._close(connection)
@@ -3652,7 +3951,8 @@ class HTTPFront:
         self._advance(connection)
 
     def _close(self, connection: _Connection) -> None:
-        """Forget a connection and close its socket; a busy one is closed once its answer comes back,
+        """Forget a connection and close its socket; a busy one is closed once its answer comes
+        back,
         so that no other thread ever writes to a descriptor number the kernel has handed on."""
         if connection.sock.fileno() < 0:
             return
@@ -3699,22 +3999,26 @@ class HTTPFront:
             if endpoint.static is not None:
                 self._answer(connection, 200, *endpoint.static)
             else:
-                self._answer_in_thread(connection, functools.partial(endpoint.answer, request.method, path,
+                self._answer_in_thread(connection, functools.partial(endpoint.answer,
+                                                                     request.method, path,
                                                                      request.query),
                                        API_HEADERS if endpoint.private else ())
             return
         prefix = config.path.rstrip("/")
         if path != config.path and not path.startswith(prefix + "/"):
-            raise NotFound("not_found", "no such path; events go to %s or %s/<bridge>" % (config.path, prefix))
+            raise NotFound("not_found", "no such path; events go to %s or %s/<bridge>"
+                           % (config.path, prefix))
         label = path[len(prefix) + 1:] if path != config.path else ""
         if label and not BRIDGE_LABEL.fullmatch(label):
             raise NotFound("bad_bridge", "a bridge label is 1 to 128 of A-Z a-z 0-9 . _ : -")
         self._require_method(request, "POST")
         self._require_token(request)
         if not request.has_body and not request.headers.get_all("Content-Length"):
-            raise LengthRequired("length_required", "send Content-Length or a chunked body", close=True)
+            raise LengthRequired("length_required", "send Content-Length or a chunked body",
+                                 close=True)
         if request.length > config.max_body:
-            raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % config.max_body, close=True)
+            raise PayloadTooLarge("body_too_large", "the body is over %d bytes" % config.max_body,
+                                  close=True)
         self._hold(connection, len(connection.buffer))  # body bytes that came with the head
         connection.body = _ChunkedBody(config.max_body) if request.chunked else request.length
         if request.headers.get("Expect", "").lower() == "100-continue" and not connection.buffer:
@@ -3722,14 +4026,16 @@ class HTTPFront:
         self._read_body(connection)
 
     def _hold(self, connection: _Connection, size: int) -> None:
-        """Count body bytes received against --max-inflight: what is in memory, not what was announced
+        """Count body bytes received against --max-inflight: what is in memory, not what was
+        announced
         (a Content-Length promised and trickled must not crowd out the senders that do send)."""
         self._inflight += size
         connection.reserved += size
         self._bodies.setdefault(connection, None)
 
     def _release(self, connection: _Connection) -> None:
-        """The body is read (or its connection gone): its bytes leave the budget; waiting bodies go on."""
+        """The body is read (or its connection gone): its bytes leave the budget; waiting bodies go
+        on."""
         self._inflight -= connection.reserved
         connection.reserved = 0
         self._bodies.pop(connection, None)
@@ -3747,7 +4053,8 @@ class HTTPFront:
             return False
         if next(iter(self._bodies), None) is connection:
             return False
-        size = connection.reserved if isinstance(connection.body, _ChunkedBody) else connection.request.length
+        size = connection.reserved if isinstance(connection.body,
+                                                 _ChunkedBody) else connection.request.length
         if size <= READ_CHUNK:
             return False
         with contextlib.suppress(KeyError, ValueError):
@@ -3756,7 +4063,8 @@ class HTTPFront:
         return True
 
     def _read_body(self, connection: _Connection) -> bool:
-        """Take the body from the buffer once it is all in, and hand the event on; False while it is not."""
+        """Take the body from the buffer once it is all in, and hand the event on; False while it is
+        not."""
         request, buffer = connection.request, connection.buffer
         if isinstance(connection.body, _ChunkedBody):
             body = connection.body.feed(buffer)
@@ -3767,16 +4075,19 @@ class HTTPFront:
             body = None
         if body is None:
             if connection.eof:
-                raise BadRequest("truncated_body", "the connection closed before the whole body arrived",
+                raise BadRequest("truncated_body", "the connection closed before the "
+                                                   "whole body arrived",
                                  close=True)
             return False
         connection.body = None
         self._release(connection)
-        request.length, request.chunked = 0, False  # read whole: the connection can carry the next request
+        # read whole: the connection can carry the next request
+        request.length, request.chunked = 0, False
         if self.app.signing_key is not None:
             verify_signature(self.app.signing_key, request.headers, body)
         text, payload = parse_body(body)
-        label = request.path[len(self.config.path.rstrip("/")) + 1:] if request.path != self.config.path else ""
+        label = request.path[len(self.config.path.rstrip("/"))
+                             + 1:] if request.path != self.config.path else ""
         connection.busy = True
         connection.deadline = float("inf")
         event_type = payload["event"]
@@ -3785,7 +4096,8 @@ class HTTPFront:
         # so the writer goes on to its next batch at once (sending the 200 from the writer
         # was measured: it slows every batch more than it saves a reply).
         try:
-            self.app.intake.receive(text, payload, label or None, lambda result, error: self.complete(
+            self.app.intake.receive(text, payload, label or None, lambda result,
+                                    error: self.complete(
                 connection, self._acked, event_type, result, error))
         except NotReceived as exc:
             raise ServiceUnavailable(exc.code, str(exc), close=exc.close) from None
@@ -3797,7 +4109,8 @@ class HTTPFront:
         """The inbox's answer for an event: the 200 (after COMMIT), or the error it means."""
         refusal = self.app.intake.stored(event_type, result, error)
         if refusal is not None:
-            self._refuse(connection, ServiceUnavailable(refusal.code, str(refusal), close=refusal.close))
+            self._refuse(connection, ServiceUnavailable(refusal.code, str(refusal),
+                                                        close=refusal.close))
         else:
             started = connection.started
             self._answer(connection, 200, b'{"ok": true, "id": %d, "duplicate": %s}' % (
@@ -3832,35 +4145,42 @@ class HTTPFront:
 
     def _require_method(self, request: Request, *allowed):
         if request.method not in allowed:
-            raise MethodNotAllowed("method_not_allowed", "use " + " or ".join(allowed), close=request.has_body,
+            raise MethodNotAllowed("method_not_allowed", "use " + " or ".join(allowed),
+                                   close=request.has_body,
                                    headers=(("Allow", ", ".join(allowed)),))
 
     def _require_token(self, request: Request):
         token = self.config.token
         if token and not token_matches(token, presented_tokens(request.query, request.headers)):
-            raise Unauthorized("unauthorized", "a valid token is required (?token=, Bearer or Basic password)",
-                               close=True, headers=(("WWW-Authenticate", 'Bearer realm="wabhook"'),))
+            raise Unauthorized("unauthorized", "a valid token is required (?token=, Bearer or "
+                                               "Basic password)",
+                               close=True, headers=(("WWW-Authenticate", 'Bearer '
+                                                                         'realm="wabhook"'),))
 
     # -- replies -----------------------------------------------------------
 
     def _answer(self, connection: _Connection, status: int, body: bytes, content_type: str,
                 headers: Tuple = ()) -> None:
-        """A successful reply; the connection closes after it if the request asked, or left a body unread."""
+        """A successful reply; the connection closes after it if the request asked, or left a body
+        unread."""
         request = connection.request
-        self._send(connection, status, body, content_type, not request.keep_alive or request.has_body, headers)
+        self._send(connection, status, body, content_type, not request.keep_alive
+                   or request.has_body, headers)
 
     def _refuse(self, connection: _Connection, exc: HTTPError) -> None:
         """The one way an error reply is made: JSON body, a log line, a metric, the access log."""
         request = connection.request
         close = exc.close or connection.eof or (request is not None and request.has_body)
         self.app.metrics.rejected(exc.status)
-        self.app.log.warning("%s %s from %s: %d %s (%s)", _printable(request.method) if request else "-",
+        self.app.log.warning("%s %s from %s: %d %s (%s)", _printable(request.method) if request
+                             else "-",
                              _printable(request.path) if request else "-", connection.peer,
                              exc.status, exc.code, exc.message)
         body = json.dumps({"ok": False, "error": exc.code, "message": exc.message}).encode("utf-8")
         self._send(connection, exc.status, body, "application/json", close, exc.headers)
 
-    def _send(self, connection: _Connection, status: int, body: bytes, content_type: str, close: bool,
+    def _send(self, connection: _Connection, status: int, body: bytes, content_type: str,
+              close: bool,
               headers: Tuple = ()) -> None:
         """Queue a reply, send what the socket takes, and end the request."""
         request = connection.request
@@ -3869,11 +4189,14 @@ class HTTPFront:
         self._finish(connection, status, close)
 
     def _finish(self, connection: _Connection, status: int, close: bool) -> None:
-        """End a request whose reply is queued (or sent): the access log, then ready for the next."""
+        """End a request whose reply is queued (or sent): the access log, then ready for the
+        next."""
         request = connection.request
         if self.config.access_log:  # the query (a token) is never logged
-            took = " %.1fms" % ((time.monotonic() - connection.started) * 1000) if connection.started else ""
-            self.app.log.info('%s "%s %s" %d%s', connection.peer, _printable(request.method) if request else "-",
+            took = (" %.1fms" % ((time.monotonic() - connection.started) * 1000)
+                    if connection.started else "")
+            self.app.log.info('%s "%s %s" %d%s', connection.peer, _printable(request.method)
+                              if request else "-",
                               _printable(request.path) if request else "-", status, took)
         connection.request, connection.body, connection.started = None, None, None
         self._release(connection)
@@ -3893,7 +4216,8 @@ class HTTPFront:
         if connection.out:
             if not connection.writing:
                 connection.writing = True
-                self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+                self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                     connection)
             return
         if connection.close_after:
             self._close(connection)
@@ -3917,6 +4241,7 @@ class _Histogram:
         self.buckets, self.counts, self.total, self.count = buckets, [0] * len(buckets), 0.0, 0
 
     def observe(self, value: float):
+        """Count one value in every bucket it fits, in the sum and in the count."""
         for index, bound in enumerate(self.buckets):
             if value <= bound:
                 self.counts[index] += 1
@@ -3924,6 +4249,7 @@ class _Histogram:
         self.count += 1
 
     def lines(self, name: str, labels: str) -> List[str]:
+        """The histogram's lines in the Prometheus text format."""
         sep = "," if labels else ""
         out = ['%s_bucket{%s%sle="%s"} %d' % (name, labels, sep, repr(bound), count)
                for bound, count in zip(self.buckets, self.counts)]
@@ -3952,9 +4278,11 @@ class Metrics:
         self.runs: Dict[Tuple[str, str], int] = {}
         self.durations: Dict[str, _Histogram] = {}
         self.ack_latency = _Histogram(ACK_BUCKETS)
-        self._recent: "collections.deque[List[int]]" = collections.deque()  # [second, events stored in it]
+        # [second, events stored in it]
+        self._recent: "collections.deque[List[int]]" = collections.deque()
 
     def event_received(self, event_type: str, duplicate: bool):
+        """Count a committed event by type, as received or as a duplicate."""
         label = event_type if event_type in EVENT_CLASSES else "unknown"
         second = int(time.monotonic())
         with self._lock:
@@ -3975,16 +4303,19 @@ class Metrics:
             return sum(count for second, count in self._recent if second > since)
 
     def rejected(self, status: int):
+        """Count a request refused with HTTP status `status`."""
         with self._lock:
             self.rejected_by_status[status] = self.rejected_by_status.get(status, 0) + 1
 
     def handler_run(self, handler: str, outcome: str, seconds: float):
+        """Count a handler run by outcome, and observe how long it took."""
         with self._lock:
             self.runs[(handler, outcome)] = self.runs.get((handler, outcome), 0) + 1
             self.durations.setdefault(handler, _Histogram(DURATION_BUCKETS)).observe(seconds)
 
     def runs_by_handler(self) -> Dict[str, Dict[str, int]]:
-        """{handler: {"done": n, "failed": n, "skipped": n}}: its runs since this process started."""
+        """{handler: {"done": n, "failed": n, "skipped": n}}: its runs since this process
+        started."""
         names = {"ok": "done", "failed": "failed", "skipped": "skipped"}
         by_handler: Dict[str, Dict[str, int]] = {}
         with self._lock:
@@ -3993,10 +4324,12 @@ class Metrics:
         return by_handler
 
     def ack(self, seconds: float):
+        """Observe how long an event took from request to 200."""
         with self._lock:
             self.ack_latency.observe(seconds)
 
     def render(self, gauges: Dict[str, int]) -> str:
+        """The counters, and the inbox's `gauges`, in the Prometheus text format."""
         out = []
 
         def family(name, metric_type, help_text):
@@ -4006,13 +4339,17 @@ class Metrics:
         with self._lock:
             family("wabhook_info", "gauge", "Version of this wabhook.")
             out.append('wabhook_info{version="%s"} 1' % __version__)
-            family("wabhook_events_received_total", "counter", "Events stored, by type (duplicates excluded).")
+            family("wabhook_events_received_total", "counter", "Events stored, by type "
+                                                               "(duplicates excluded).")
             for event_type, count in sorted(self.received.items()):
-                out.append('wabhook_events_received_total{event="%s"} %d' % (_label(event_type), count))
-            family("wabhook_duplicates_total", "counter", "Events acknowledged as duplicates, by type.")
+                out.append('wabhook_events_received_total{event="%s"} %d' % (_label(event_type),
+                                                                             count))
+            family("wabhook_duplicates_total", "counter", "Events acknowledged as "
+                                                          "duplicates, by type.")
             for event_type, count in sorted(self.duplicates.items()):
                 out.append('wabhook_duplicates_total{event="%s"} %d' % (_label(event_type), count))
-            family("wabhook_requests_rejected_total", "counter", "Requests refused, by HTTP status.")
+            family("wabhook_requests_rejected_total", "counter", "Requests refused, "
+                                                                 "by HTTP status.")
             for status, count in sorted(self.rejected_by_status.items()):
                 out.append('wabhook_requests_rejected_total{status="%d"} %d' % (status, count))
             family("wabhook_handler_runs_total", "counter",
@@ -4022,11 +4359,14 @@ class Metrics:
                            % (_label(handler), outcome, count))
             family("wabhook_handler_duration_seconds", "histogram", "How long handler runs took.")
             for handler, histogram in sorted(self.durations.items()):
-                out += histogram.lines("wabhook_handler_duration_seconds", 'handler="%s"' % _label(handler))
-            family("wabhook_ack_duration_seconds", "histogram", "From request headers read to 200 sent.")
+                out += histogram.lines("wabhook_handler_duration_seconds", 'handler="%s"'
+                                       % _label(handler))
+            family("wabhook_ack_duration_seconds", "histogram", "From request headers "
+                                                                "read to 200 sent.")
             out += self.ack_latency.lines("wabhook_ack_duration_seconds", "")
         for name, value in sorted(gauges.items()):
-            family("wabhook_events_%s" % name, "gauge", "Events in the inbox whose delivery is %s." % name)
+            family("wabhook_events_%s" % name, "gauge", "Events in the inbox whose delivery is %s."
+                   % name)
             out.append("wabhook_events_%s %d" % (name, value))
         return "\n".join(out) + "\n"
 
@@ -4598,7 +4938,8 @@ PAGE_FILES = {
 }
 # Event bodies are people's messages: the page runs only its own script (no inline script, no
 # other origin), cannot be framed, and the browser sniffs no other type from these files.
-API_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"))  # bodies are messages
+# bodies are messages
+API_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"))
 PAGE_HEADERS = (
     ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none';"
                                 " base-uri 'none'; form-action 'self'"),
@@ -4621,9 +4962,11 @@ class InboxAPI:
     """
 
     def __init__(self, inbox: "Inbox", metrics: Metrics, wake: Callable[[], None]):
-        self.inbox, self.metrics, self.wake = inbox, metrics, wake  # wake: the dispatcher, after a replay
+        # wake: the dispatcher, after a replay
+        self.inbox, self.metrics, self.wake = inbox, metrics, wake
 
     def answer(self, method: str, path: str, query: str) -> Tuple[int, dict]:
+        """Route a request under /api/ to stats, events, one event, replay or discard."""
         parts = path.rstrip("/").split("/")[2:]  # /api/events/7/replay -> events, 7, replay
         if parts == ["stats"]:
             return 200, self._read_only(method, self.stats)
@@ -4635,25 +4978,31 @@ class InboxAPI:
                 return 200, self._read_only(method, lambda: self.event(event_id))
             if parts[2] in ("replay", "discard"):
                 if method != "POST":
-                    raise MethodNotAllowed("method_not_allowed", "use POST", headers=(("Allow", "POST"),))
-                return 200, self.replay(event_id) if parts[2] == "replay" else self.discard(event_id)
+                    raise MethodNotAllowed("method_not_allowed", "use POST",
+                                           headers=(("Allow", "POST"),))
+                return 200, (self.replay(event_id) if parts[2] == "replay"
+                             else self.discard(event_id))
         raise NotFound("not_found", "no such API path; see the README's reference for /api/")
 
     @staticmethod
     def _read_only(method: str, read: Callable[[], dict]) -> dict:
         if method not in ("GET", "HEAD"):
-            raise MethodNotAllowed("method_not_allowed", "use GET", headers=(("Allow", "GET, HEAD"),))
+            raise MethodNotAllowed("method_not_allowed", "use GET",
+                                   headers=(("Allow", "GET, HEAD"),))
         return read()
 
     def stats(self) -> dict:
         """The page's counters, polled every second: index lookups and this process's counters only
         (the CLI's `stats` also counts the whole inbox by type and handler, which scans it)."""
         events = self.inbox.counts()
-        return {"received": sum(events.values()), "events": events, "per_minute": self.metrics.stored_last_minute(),
+        return {"received": sum(events.values()), "events": events,
+                "per_minute": self.metrics.stored_last_minute(),
                 "handlers": self.metrics.runs_by_handler(),
-                "oldest_pending_age_seconds": self.inbox.oldest_pending_age(), "version": __version__}
+                "oldest_pending_age_seconds": self.inbox.oldest_pending_age(),
+                "version": __version__}
 
     def events(self, query: Dict[str, List[str]]) -> dict:
+        """GET /api/events: a page of events filtered by the query, and where the next begins."""
         def one(name: str) -> Optional[str]:
             values = query.get(name)
             return values[-1] if values and values[-1] != "" else None
@@ -4667,21 +5016,25 @@ class InboxAPI:
         size = min(max(int(limit), 1), API_MAX_PAGE) if limit else API_PAGE_SIZE
         events = self.inbox.list_events(status, size + 1, one("type"), one("bridge"),
                                         int(before) if before else None)
-        return {"events": events[:size], "next_before": events[size - 1]["id"] if len(events) > size else None}
+        return {"events": events[:size], "next_before": events[size - 1]["id"] if len(events) > size
+                else None}
 
     def event(self, event_id: int) -> dict:
+        """GET /api/events/<id>: one event with its deliveries; NotFound if there is none."""
         event = self.inbox.event_detail(event_id)
         if event is None:
             raise NotFound("not_found", "no event %d in the inbox" % event_id)
         return event
 
     def replay(self, event_id: int) -> dict:
+        """POST /api/events/<id>/replay: queue the event again and wake the dispatcher."""
         if not self.inbox.replay([event_id]):
             raise NotFound("not_found", "no event %d in the inbox" % event_id)
         self.wake()
         return {"replayed": [event_id]}
 
     def discard(self, event_id: int) -> dict:
+        """POST /api/events/<id>/discard: set a dead event aside; Conflict unless dead."""
         before = self.inbox.discard([event_id])
         if event_id not in before:
             raise NotFound("not_found", "no event %d in the inbox" % event_id)
@@ -4692,7 +5045,8 @@ class InboxAPI:
 
 
 Endpoint = namedtuple("Endpoint", "methods token static answer private")
-Endpoint.__doc__ = """One operator path: the methods it takes (None: answer() checks them), whether it
+Endpoint.__doc__ = """One operator path: the methods it takes (None: answer() checks them),
+whether it
 wants --token, and either `static` (body, content type, headers) or answer(method, path, query) ->
 (status, payload) or (status, body, content type), run in a reply thread of its own (it may wait
 for the inbox). `private`: the page and its API, which the browser of this machine's user reaches
@@ -4713,12 +5067,15 @@ class Operator:
         self.serves_page = not config.no_ui and (bool(config.token) or is_loopback(config.host))
         self.api = InboxAPI(server.inbox, server.metrics, server.dispatcher.wake)
         self._endpoints = {
-            "/healthz": Endpoint(("GET", "HEAD"), False, None, lambda *_request: self.health(), False),
-            "/metrics": Endpoint(("GET", "HEAD"), True, None, lambda *_request: self.metrics(), False),
+            "/healthz": Endpoint(("GET", "HEAD"), False, None, lambda *_request: self.health(),
+                                 False),
+            "/metrics": Endpoint(("GET", "HEAD"), True, None, lambda *_request: self.metrics(),
+                                 False),
         }
         if self.serves_page:  # the page's files hold no data: no token, so the page can ask for it
             for path, (body, content_type) in PAGE_FILES.items():
-                self._endpoints[path] = Endpoint(("GET", "HEAD"), False, (body, content_type, PAGE_HEADERS),
+                self._endpoints[path] = Endpoint(("GET", "HEAD"), False, (body, content_type,
+                                                                          PAGE_HEADERS),
                                                  None, True)
         self._api = Endpoint(None, True, None, self.api.answer, True)
 
@@ -4740,11 +5097,15 @@ class Operator:
         """
         host = headers.get("Host", "")
         if not self.server.config.token and not is_loopback(_host_of(host)):
-            raise Forbidden("forbidden_host", "without --token the page answers only requests for localhost or"
-                                              " a loopback address; set --token to reach it by another name")
+            raise Forbidden("forbidden_host", "without --token the page answers only requests "
+                                              "for localhost or"
+                                              " a loopback address; set --token to reach it "
+                                              "by another name")
         origin = headers.get("Origin")
-        if method == "POST" and origin is not None and urllib.parse.urlsplit(origin).netloc.lower() != host.lower():
-            raise Forbidden("cross_origin", "a POST from another origin is refused; use the page itself or curl")
+        if (method == "POST" and origin is not None
+                and urllib.parse.urlsplit(origin).netloc.lower() != host.lower()):
+            raise Forbidden("cross_origin", "a POST from another origin is refused; use the page "
+                                            "itself or curl")
 
     def health(self) -> Tuple[int, dict]:
         """GET /healthz: 200 when events are stored and delivered, else 503 saying why."""
@@ -4760,7 +5121,8 @@ class Operator:
             payload["handlers"] = len(server.registry.names())
             payload["running"] = server.dispatcher.busy
             # A run ends by --script-timeout; one still "running" a lease later holds its chat up.
-            payload["stuck"] = server.inbox.stuck_deliveries(server.config.script_timeout + LEASE_SECONDS)
+            payload["stuck"] = server.inbox.stuck_deliveries(server.config.script_timeout
+                                                             + LEASE_SECONDS)
             if payload["stuck"]:
                 payload.update(status="stuck", error="deliveries have been running for longer than"
                                                      " --script-timeout: their chats do not move")
@@ -4772,12 +5134,14 @@ class Operator:
             return 503, payload
 
     def metrics(self) -> Tuple[int, bytes, str]:
-        """GET /metrics: this process's counters and the inbox's gauges, in the Prometheus text format."""
+        """GET /metrics: this process's counters and the inbox's gauges, in the Prometheus text
+        format."""
         try:
             gauges = self.server.inbox.counts(("pending", "dead"))
         except InboxUnavailable:
             gauges = {}
-        return 200, self.server.metrics.render(gauges).encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
+        return (200, self.server.metrics.render(gauges).encode("utf-8"),
+                "text/plain; version=0.0.4; charset=utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -4785,7 +5149,8 @@ class Operator:
 # ---------------------------------------------------------------------------
 
 def _host_of(authority: str) -> str:
-    """The host of a Host header: 127.0.0.1:3000 -> 127.0.0.1, [::1]:3000 -> ::1, localhost -> localhost."""
+    """The host of a Host header: 127.0.0.1:3000 -> 127.0.0.1, [::1]:3000 -> ::1, localhost ->
+    localhost."""
     if authority.startswith("["):
         return authority[1:authority.find("]")] if "]" in authority else authority
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
@@ -4805,7 +5170,8 @@ class ServerError(Exception):
     """The server cannot start (port in use, bad certificate); the message says what to do."""
 
 
-LISTEN_BACKLOG = 1024  # a burst of new connections waits in the kernel, not refused (the default 5 stalls it)
+# a burst of new connections waits in the kernel, not refused (the default 5 stalls it)
+LISTEN_BACKLOG = 1024
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -4813,7 +5179,8 @@ def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once on the same port
+        # restart at once on the same port
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
         listener.listen(LISTEN_BACKLOG)
     except OSError:
@@ -4836,25 +5203,30 @@ class Server:
         self.signing_key = signing_key(config.secret) if config.secret else None
         self.metrics = Metrics()
         if os.path.exists(config.handlers) and not os.path.isdir(config.handlers):
-            raise ServerError("--handlers %s is a file, not a folder: pass the folder your handlers are in"
+            raise ServerError("--handlers %s is a file, not a folder: pass the folder your "
+                              "handlers are in"
                               % config.handlers)
         if not os.path.isdir(config.handlers):
             try:
                 os.makedirs(config.handlers)
-                self.log.info("created the handlers folder %s: put <event>.py files in it", config.handlers)
+                self.log.info("created the handlers folder %s: put <event>.py files in it",
+                              config.handlers)
             except OSError as exc:
-                raise ServerError("cannot create the handlers folder %s: %s" % (config.handlers, exc)) from None
+                raise ServerError("cannot create the handlers folder %s: %s" % (config.handlers,
+                                                                                exc)) from None
         self.inbox = Inbox(config.db)
         self.registry = Registry(config.handlers, self.log, environ=os.environ)
         self.dispatcher = Dispatcher(config, self.inbox, self.registry, self.metrics, self.log,
                                      script_environment(config, os.environ))
-        self.intake = Intake(self.inbox, config, self.log, self.registry.folder_missing, self._stored)
+        self.intake = Intake(self.inbox, config, self.log, self.registry.folder_missing,
+                             self._stored)
         self.operator = Operator(self)
         self.front: Optional[HTTPFront] = None
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> "Server":
+        """Listen and start serving; ServerError if it cannot listen."""
         config = self.config
         try:
             listener = _listen(config.host, config.port)
@@ -4862,7 +5234,8 @@ class Server:
             self.inbox.close()
             raise ServerError("cannot listen on %s port %d: %s%s" % (
                 config.host, config.port, exc.strerror or exc,
-                " (another program uses it: pick another --port)" if exc.errno == errno.EADDRINUSE else "")) from None
+                " (another program uses it: pick another --port)" if exc.errno == errno.EADDRINUSE
+                else "")) from None
         if config.tls_cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -4872,7 +5245,8 @@ class Server:
                 listener.close()
                 self.inbox.close()
                 raise ServerError("cannot load --tls-cert/--tls-key: %s" % exc) from None
-            listener = context.wrap_socket(listener, server_side=True, do_handshake_on_connect=False)
+            listener = context.wrap_socket(listener, server_side=True,
+                                           do_handshake_on_connect=False)
         self._raise_descriptor_limit()
         self._capture_output()
         self.dispatcher.start()
@@ -4882,18 +5256,23 @@ class Server:
         self.log.info("wabhook %s listening on %s (handlers: %s, inbox: %s)", __version__, self.url,
                       self.registry.folder, config.db)
         if not config.token and not is_loopback(config.host):
-            self.log.warning("no --token set while listening on %s: anyone who can reach this port can post"
-                             " events; set --token and put ?token=... in the webhook URL", config.host)
+            self.log.warning("no --token set while listening on %s: anyone who can reach this "
+                             "port can post"
+                             " events; set --token and put ?token=... in the webhook URL",
+                             config.host)
         if self.operator.serves_page:
             self.log.info("inbox page: %s/%s", self.url[:len(self.url) - len(config.path)],
                           " (it asks for the --token)" if config.token else "")
         elif not config.no_ui:
-            self.log.info("the inbox page is off: it shows private messages, so it is served only with a"
-                          " --token or on a loopback --host (127.0.0.1); --no-ui silences this line")
+            self.log.info("the inbox page is off: it shows private messages, so it is "
+                          "served only with a"
+                          " --token or on a loopback --host (127.0.0.1); --no-ui "
+                          "silences this line")
         return self
 
     def _raise_descriptor_limit(self) -> None:
-        """Take the hard limit of open files as the soft one (systemd's default soft limit is 1,024)."""
+        """Take the hard limit of open files as the soft one (systemd's default soft limit is
+        1,024)."""
         try:
             import resource  # POSIX only
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -4921,10 +5300,12 @@ class Server:
 
     @property
     def port(self) -> int:
+        """The port listened on (the one the system chose for port 0)."""
         return self.front.listener.getsockname()[1] if self.front else self.config.port
 
     @property
     def url(self) -> str:
+        """The base URL to reach this server (127.0.0.1 for a wildcard host)."""
         host = self.config.host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
@@ -4941,7 +5322,8 @@ class Server:
 
     def stop(self) -> bool:
         """Stop accepting, let running handlers finish (--shutdown-timeout), close the inbox."""
-        self.intake.accepting = False  # a request on an open connection now gets 503 and Connection: close
+        # a request on an open connection now gets 503 and Connection: close
+        self.intake.accepting = False
         if self.front is not None:
             self.front.stop_listening()
         finished = self.dispatcher.stop(self.config.shutdown_timeout)
@@ -4971,7 +5353,8 @@ def serve(config: Config, log: logging.Logger) -> int:
     signal.signal(signal.SIGINT, on_signal)
     while not stop_requested.wait(0.5):
         pass
-    log.info("shutting down: no new connections; running handlers get %gs to finish", config.shutdown_timeout)
+    log.info("shutting down: no new connections; running handlers get %gs to finish",
+             config.shutdown_timeout)
     server.stop()
     return 0
 
@@ -4987,15 +5370,19 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
 def escape_controls(text: str) -> str:
-    """Text with control characters (ESC, CR, NUL ...; newlines too) shown as \\xNN: safe for a terminal line."""
-    return CONTROL_CHARACTERS.sub(lambda match: "\\x%02x" % ord(match.group()), text.replace("\n", "\\n"))
+    """Text with control characters (ESC, CR, NUL ...; newlines too) shown as \\xNN: safe for a
+    terminal line."""
+    return CONTROL_CHARACTERS.sub(lambda match: "\\x%02x" % ord(match.group()), text.replace("\n",
+                                                                                             "\\n"))
 
 
 class _TextFormatter(logging.Formatter):
-    """Readable lines in which nothing a sender or a handler wrote can move the cursor or forge a line:
+    """Readable lines in which nothing a sender or a handler wrote can move the cursor or forge a
+    line:
     control characters are escaped, and the lines of a long message after its first are indented."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as text, control characters escaped, continuation lines indented."""
         return "\n    ".join(escape_controls(line) for line in super().format(record).split("\n"))
 
 
@@ -5003,6 +5390,7 @@ class _JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, message, and event_id/handler when known."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one JSON object on one line."""
         entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + ".%03dZ" % record.msecs,
                  "level": record.levelname.lower(), "message": record.getMessage()}
         for key in ("event_id", "handler"):
@@ -5014,6 +5402,7 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(config: Config, stream=None) -> logging.Logger:
+    """Configure the wabhook logger from --log-format and --log-level; return it."""
     log = logging.getLogger("wabhook")
     for old in list(log.handlers):
         log.removeHandler(old)
@@ -5049,7 +5438,8 @@ def _event_id(text: str) -> int:
 
 
 def _program_name() -> str:
-    """How the user ran us, for usage and examples: `wabhook` once installed, else `python3 wabhook.py`."""
+    """How the user ran us, for usage and examples: `wabhook` once installed, else `python3
+    wabhook.py`."""
     name = os.path.basename(sys.argv[0] or "")
     return "wabhook" if name == "wabhook" else "python3 wabhook.py"
 
@@ -5064,11 +5454,14 @@ def _option_parser(names: Tuple[str, ...]) -> argparse.ArgumentParser:
         if option.name not in names:
             continue
         if option.kind == "bool":
-            group.add_argument(flag_name(option.name), dest=option.name, action="store_true", default=None,
+            group.add_argument(flag_name(option.name), dest=option.name, action="store_true",
+                               default=None,
                                help=_help_for(option))
         else:
-            metavar = "{%s}" % ",".join(option.kind) if isinstance(option.kind, tuple) else option.name.upper()
-            group.add_argument(flag_name(option.name), dest=option.name, metavar=metavar, default=None,
+            metavar = "{%s}" % ",".join(option.kind) if isinstance(option.kind,
+                                                                   tuple) else option.name.upper()
+            group.add_argument(flag_name(option.name), dest=option.name, metavar=metavar,
+                               default=None,
                                help=_help_for(option))
     return parser
 
@@ -5076,13 +5469,15 @@ def _option_parser(names: Tuple[str, ...]) -> argparse.ArgumentParser:
 def build_parser(prog: str = "python3 wabhook.py") -> argparse.ArgumentParser:
     """The command line: one subcommand per row of COMMANDS, each with the settings it uses."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Receive WhatsApp bridge webhooks and run your handlers for each event.",
+        prog=prog, description="Receive WhatsApp bridge webhooks and run your handlers "
+                               "for each event.",
         epilog="Without a command, wabhook serves: %s --port 3000" % prog,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="wabhook " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
-        sub = commands.add_parser(name, parents=[_option_parser(command.settings)], help=command.summary,
+        sub = commands.add_parser(name, parents=[_option_parser(command.settings)],
+                                  help=command.summary,
                                   description=command.summary,
                                   epilog="example:\n  " + command.example.replace("{prog}", prog),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -5110,14 +5505,16 @@ def _utc(timestamp: Optional[float]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) if timestamp else "-"
 
 
-EVENTS_HEADER = "%-6s %-19s  %-8s %-24s %-9s %s" % ("ID", "RECEIVED (UTC)", "BRIDGE", "EVENT", "STATUS",
+EVENTS_HEADER = "%-6s %-19s  %-8s %-24s %-9s %s" % ("ID", "RECEIVED (UTC)", "BRIDGE", "EVENT",
+                                                    "STATUS",
                                                   "DELIVERIES (handler:status(attempts))")
 
 
 def _event_rows(events: List[dict]) -> List[str]:
     lines = []
     for item in events:
-        deliveries = " ".join("%s:%s(%d)" % (escape_controls(d["handler"]), d["status"], d["attempts"])
+        deliveries = " ".join("%s:%s(%d)" % (escape_controls(d["handler"]), d["status"],
+                                             d["attempts"])
                               for d in item["deliveries"])
         lines.append("%-6d %s  %-8s %-24s %-9s %s" % (
             item["id"], _utc(item["received_at"]), escape_controls(item["bridge"] or "-"),
@@ -5125,7 +5522,8 @@ def _event_rows(events: List[dict]) -> List[str]:
         for delivery in item["deliveries"]:
             if delivery["status"] in ("dead", "pending") and delivery["last_error"]:
                 last = delivery["last_error"].strip().splitlines()[-1]
-                lines.append("       %s: %s" % (escape_controls(delivery["handler"]), escape_controls(last[:200])))
+                lines.append("       %s: %s" % (escape_controls(delivery["handler"]),
+                                                escape_controls(last[:200])))
     return lines
 
 
@@ -5139,17 +5537,20 @@ def _detail_lines(event: dict) -> List[str]:
     except ValueError:
         body = event["body"]
     lines = ["event %d: %s from bridge %s, received %s UTC, %s" % (
-        event["id"], escape_controls(event["event"]), escape_controls(event["bridge"] or "(default)"),
+        event["id"], escape_controls(event["event"]), escape_controls(event["bridge"]
+                                                                      or "(default)"),
         _utc(event["received_at"]), event["status"]), ""]
     lines += [escape_controls(line) for line in body.splitlines()]
     if not event["deliveries"]:
         lines += ["", "no handler took it"]
     for d in event["deliveries"]:
-        lines += ["", "%s: %s after %d attempt%s" % (escape_controls(d["handler"]), d["status"], d["attempts"],
+        lines += ["", "%s: %s after %d attempt%s" % (escape_controls(d["handler"]), d["status"],
+                                                     d["attempts"],
                                                      "" if d["attempts"] == 1 else "s")]
         if d["started_at"]:
             lines.append("  last run: started %s UTC, %s" % (
-                _utc(d["started_at"]), "ended %s UTC" % _utc(d["finished_at"]) if d["finished_at"] else "running"))
+                _utc(d["started_at"]), "ended %s UTC" % _utc(d["finished_at"]) if d["finished_at"]
+                else "running"))
         if d["exit_status"] is not None:
             lines.append("  exit status: %d" % d["exit_status"])
         if d["status"] == "pending" and d["next_attempt_at"] and d["attempts"]:
@@ -5162,22 +5563,26 @@ def _detail_lines(event: dict) -> List[str]:
 
 
 def _stats_lines(stats: dict) -> List[str]:
-    lines = ["events: %s" % ", ".join("%d %s" % (n, status) for status, n in stats["events"].items())]
+    lines = ["events: %s" % ", ".join("%d %s" % (n, status)
+                                      for status, n in stats["events"].items())]
     if stats["oldest_pending_age_seconds"]:
         lines.append("oldest pending: %.0fs ago" % stats["oldest_pending_age_seconds"])
     lines.append("by type: " + (", ".join("%s %d" % (escape_controls(event_type), n)
                                           for event_type, n in stats["by_type"].items()) or "none"))
     for handler, by_status in stats["deliveries_by_handler"].items():
         lines.append("handler %s: %s" % (escape_controls(handler),
-                                         ", ".join("%d %s" % (n, s) for s, n in sorted(by_status.items()))))
+                                         ", ".join("%d %s"
+                                                   % (n, s) for s, n in sorted(by_status.items()))))
     return lines
 
 
 def cmd_serve(config: Config, args, log: logging.Logger) -> int:
+    """serve: run the receiver until SIGTERM or SIGINT."""
     return serve(config, log)
 
 
 def cmd_send(config: Config, args, log: logging.Logger) -> int:
+    """send: POST a sample event (with --set changes) to a running server."""
     payload = dict(SAMPLES[args.event])
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -5197,7 +5602,8 @@ def cmd_send(config: Config, args, log: logging.Logger) -> int:
     if not url:
         host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
         host = "[%s]" % host if ":" in host else host
-        url = "%s://%s:%d%s" % ("https" if config.tls_cert else "http", host, config.port, config.path)
+        url = "%s://%s:%d%s" % ("https" if config.tls_cert else "http", host, config.port,
+                                config.path)
     if args.bridge:
         url = url.rstrip("/") + "/" + args.bridge
     body = json.dumps(payload).encode("utf-8")
@@ -5222,6 +5628,7 @@ def cmd_send(config: Config, args, log: logging.Logger) -> int:
 
 
 def cmd_samples(config: Config, args, log: logging.Logger) -> int:
+    """samples: print the sample payload of one event type, or every sample, one per line."""
     if args.event:
         print(json.dumps(SAMPLES[args.event], indent=2))
     else:
@@ -5231,11 +5638,13 @@ def cmd_samples(config: Config, args, log: logging.Logger) -> int:
 
 
 def cmd_check(config: Config, args, log: logging.Logger) -> int:
+    """check: load every handler as the server would and print what is wrong."""
     good, problems = check_handlers(config.handlers, os.environ)  # ${VAR}s as the server reads them
     for name in good:
         print("ok       %s" % name)
         if handler_event(name) not in KNOWN_PREFIXES:
-            print("note     %s: %r is not one of the documented events; it runs when events of that type"
+            print("note     %s: %r is not one of the documented events; it runs when "
+                  "events of that type"
                   " arrive" % (name, handler_event(name)))
     for problem in problems:
         print("problem  %s: %s" % (problem.file, problem.message))
@@ -5247,6 +5656,7 @@ FOLLOW_POLL_SECONDS = 0.5
 
 
 def cmd_events(config: Config, args, log: logging.Logger) -> int:
+    """events: list the inbox's latest events (--follow to keep watching)."""
     inbox = _open_existing_inbox(config)
     filters = {"status": args.status, "event_type": args.type, "bridge": args.bridge}
     try:
@@ -5255,7 +5665,8 @@ def cmd_events(config: Config, args, log: logging.Logger) -> int:
             _output(events, args.json, _event_lines)
             return 0
         # Like `tail -f`: the last --limit events oldest first, then each new one once it is stored.
-        # Ids grow in commit order, so "after the newest id seen" misses nothing and repeats nothing.
+        # Ids grow in commit order, so "after the newest id seen" misses nothing and repeats
+        # nothing.
         if not args.json:
             print(EVENTS_HEADER)
         last = inbox.newest_id()
@@ -5264,7 +5675,8 @@ def cmd_events(config: Config, args, log: logging.Logger) -> int:
                 print(json.dumps(item) if args.json else "\n".join(_event_rows([item])), flush=True)
             time.sleep(FOLLOW_POLL_SECONDS)
             newest = inbox.newest_id()
-            events = inbox.list_events(limit=REPLAY_BATCH, after=last, before=newest + 1, **filters)[::-1]
+            events = inbox.list_events(limit=REPLAY_BATCH, after=last, before=newest + 1,
+                                       **filters)[::-1]
             last = events[0]["id"] if len(events) == REPLAY_BATCH else newest
     except KeyboardInterrupt:
         return 0
@@ -5273,6 +5685,7 @@ def cmd_events(config: Config, args, log: logging.Logger) -> int:
 
 
 def cmd_show(config: Config, args, log: logging.Logger) -> int:
+    """show: print one event with its body and deliveries."""
     inbox = _open_existing_inbox(config)
     try:
         event = inbox.event_detail(args.id)
@@ -5287,6 +5700,7 @@ def cmd_show(config: Config, args, log: logging.Logger) -> int:
 
 
 def cmd_stats(config: Config, args, log: logging.Logger) -> int:
+    """stats: print counts of events and deliveries by status."""
     inbox = _open_existing_inbox(config)
     try:
         _output(inbox.stats(), args.json, _stats_lines)
@@ -5296,7 +5710,8 @@ def cmd_stats(config: Config, args, log: logging.Logger) -> int:
 
 
 def _dead_in_batches(inbox: Inbox, act: Callable[[List[int]], object], verb: str) -> int:
-    """Apply `act` to every dead event, REPLAY_BATCH at a time, printing progress; how many there were."""
+    """Apply `act` to every dead event, REPLAY_BATCH at a time, printing progress; how many there
+    were."""
     total, after = 0, 0
     while True:
         batch = inbox.dead_event_ids(after, REPLAY_BATCH)
@@ -5309,6 +5724,7 @@ def _dead_in_batches(inbox: Inbox, act: Callable[[List[int]], object], verb: str
 
 
 def cmd_replay(config: Config, args, log: logging.Logger) -> int:
+    """replay: queue events again, by id or every dead one (--dead)."""
     if bool(args.ids) == bool(args.dead):
         print("error: give event ids or --dead (not both)", file=sys.stderr)
         return 2
@@ -5319,7 +5735,8 @@ def cmd_replay(config: Config, args, log: logging.Logger) -> int:
             return 0
         replayed = inbox.replay(args.ids)
         missing = sorted(set(args.ids) - set(replayed))
-        print("replayed %d events%s" % (len(replayed), (": " + " ".join(map(str, replayed))) if replayed else ""))
+        print("replayed %d events%s" % (len(replayed), (": " + " ".join(map(str, replayed)))
+                                        if replayed else ""))
         for event_id in missing:
             print("error: no event %d in %s" % (event_id, config.db), file=sys.stderr)
         return 1 if missing else 0
@@ -5328,6 +5745,7 @@ def cmd_replay(config: Config, args, log: logging.Logger) -> int:
 
 
 def cmd_discard(config: Config, args, log: logging.Logger) -> int:
+    """discard: set dead events aside, by id or every one (--dead)."""
     if bool(args.ids) == bool(args.dead):
         print("error: give event ids or --dead (not both)", file=sys.stderr)
         return 2
@@ -5340,21 +5758,26 @@ def cmd_discard(config: Config, args, log: logging.Logger) -> int:
     finally:
         inbox.close()
     discarded = [event_id for event_id in args.ids if before.get(event_id) == "dead"]
-    print("discarded %d events%s" % (len(discarded), (": " + " ".join(map(str, discarded))) if discarded else ""))
+    print("discarded %d events%s" % (len(discarded), (": " + " ".join(map(str, discarded)))
+                                     if discarded else ""))
     for event_id in args.ids:
         if event_id not in before:
             print("error: no event %d in %s" % (event_id, config.db), file=sys.stderr)
         elif before[event_id] != "dead":
-            print("error: event %d is %s, not dead: only dead letters are discarded" % (event_id, before[event_id]),
+            print("error: event %d is %s, not dead: only dead letters are discarded"
+                  % (event_id, before[event_id]),
                   file=sys.stderr)
     return 0 if len(discarded) == len(args.ids) else 1
 
 
 def _send_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("event", choices=EVENT_TYPES, metavar="EVENT", help="one of: " + ", ".join(EVENT_TYPES))
-    parser.add_argument("--url", help="where to post (default: this config's own address and --path)")
+    parser.add_argument("event", choices=EVENT_TYPES, metavar="EVENT", help="one of: "
+                        + ", ".join(EVENT_TYPES))
+    parser.add_argument("--url", help="where to post (default: this config's own "
+                                      "address and --path)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a field; VALUE is read as JSON when it parses (42, true, [\"a\"]), else text")
+                        help="change a field; VALUE is read as JSON when it parses (42, true, "
+                             "[\"a\"]), else text")
     parser.add_argument("--bridge", metavar="LABEL", help="post to <path>/LABEL")
 
 
@@ -5365,13 +5788,16 @@ def _samples_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _events_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", choices=EVENT_STATUSES,
-                        help="only events with this status (skipped: a handler's file was gone when it ran)")
+                        help="only events with this status (skipped: a handler's file was "
+                             "gone when it ran)")
     parser.add_argument("--type", metavar="EVENT", help="only events of this type")
-    parser.add_argument("--bridge", metavar="LABEL", help="only events of this bridge (- for the default one)")
+    parser.add_argument("--bridge", metavar="LABEL", help="only events of this bridge (- for "
+                                                          "the default one)")
     parser.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
     parser.add_argument("--follow", "-f", action="store_true",
                         help="then print each new event as it arrives, until Ctrl-C (like tail -f)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts (one object a line with"
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts (one "
+                                                            "object a line with"
                                                             " --follow)")
 
 
@@ -5382,8 +5808,10 @@ def _show_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _ids_or_dead(what: str) -> Callable[[argparse.ArgumentParser], None]:
     def arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("ids", nargs="*", type=_event_id, metavar="ID", help="inbox ids (see `events`)")
-        parser.add_argument("--dead", action="store_true", help="every dead-lettered event: " + what)
+        parser.add_argument("ids", nargs="*", type=_event_id, metavar="ID", help="inbox ids "
+                                                                                 "(see `events`)")
+        parser.add_argument("--dead", action="store_true", help="every dead-lettered event: "
+                            + what)
     return arguments
 
 
@@ -5397,21 +5825,28 @@ SERVER_ADDRESS = ("host", "port", "path", "token", "secret", "tls_cert", "tls_ke
 # The one table of commands: the parser, `--help`, dispatch and the README reference come from it.
 COMMANDS = {
     "serve": Command(cmd_serve, "receive events and run handlers (the default command)",
-                     "{prog} serve --port 3000 --token s3cret", tuple(option.name for option in OPTIONS), None),
+                     "{prog} serve --port 3000 --token s3cret",
+                     tuple(option.name for option in OPTIONS), None),
     "send": Command(cmd_send, "post the documented sample of an event to a running server",
-                    "{prog} send message --set body=hi --set from_me=false", SERVER_ADDRESS, _send_arguments),
-    "samples": Command(cmd_samples, "print the documented sample of each event (or of one), posting nothing",
+                    "{prog} send message --set body=hi --set from_me=false", SERVER_ADDRESS,
+                    _send_arguments),
+    "samples": Command(cmd_samples, "print the documented sample of each event (or of one), "
+                                    "posting nothing",
                        "{prog} samples message", (), _samples_arguments),
     "check": Command(cmd_check, "load every handler and report problems (exit 1 if any)",
                      "{prog} check --handlers ./handlers", ("handlers",), None),
     "events": Command(cmd_events, "list the newest events in the inbox and their deliveries",
-                      "{prog} events --status dead --type message --limit 50", ("db",), _events_arguments),
-    "show": Command(cmd_show, "one event: its body, and each handler's attempts, last error and output",
+                      "{prog} events --status dead --type message --limit 50", ("db",),
+                      _events_arguments),
+    "show": Command(cmd_show, "one event: its body, and each handler's attempts, last "
+                              "error and output",
                     "{prog} show 42", ("db",), _show_arguments),
-    "replay": Command(cmd_replay, "queue events again: their dead deliveries, or every handler anew",
+    "replay": Command(cmd_replay, "queue events again: their dead deliveries, or "
+                                  "every handler anew",
                       "{prog} replay 41 42   |   {prog} replay --dead", ("db",),
                       _ids_or_dead("queue them again")),
-    "discard": Command(cmd_discard, "set dead letters aside: kept in the inbox, no longer counted as dead",
+    "discard": Command(cmd_discard, "set dead letters aside: kept in the inbox, no longer "
+                                    "counted as dead",
                        "{prog} discard 41 42   |   {prog} discard --dead", ("db",),
                        _ids_or_dead("set them all aside")),
     "stats": Command(cmd_stats, "counts of events by status and type, deliveries by handler",
@@ -5427,7 +5862,8 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         print("error: %r is not a command%s; the commands are %s (see %s --help)" % (
-            argv[0], " (did you mean %s?)" % close[0] if close else "", ", ".join(COMMANDS), prog), file=sys.stderr)
+            argv[0], " (did you mean %s?)" % close[0] if close else "", ", ".join(COMMANDS), prog),
+              file=sys.stderr)
         return 2
     if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv = ["serve"] + argv
