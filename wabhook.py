@@ -1955,13 +1955,49 @@ def parse_forward_file(text: str, environ: Dict[str, str],
     file changes; the variables come from its environment as it started, so a
     new value of one takes a restart (a process's environment cannot change).
     """
-    url_line = secret_line = timeout_line = wrap_line = None
-    wrap: Optional[str] = None
-    parts: Optional[urllib.parse.SplitResult] = None
+    settings: Dict[str, Tuple[int, object]] = {}  # keyword -> (line number, value), once each
     headers: List[Tuple[str, str]] = []
-    key: Optional[bytes] = None
-    timeout = FORWARD_TIMEOUT
     authorization_line = None
+    for number, keyword, value, where in _forward_lines(text, name):
+        if keyword == "header":
+            header = _forward_header(value, environ, where)
+            if header[0].lower() == "authorization":
+                authorization_line = number
+            headers.append(header)
+            continue
+        if keyword in settings:
+            raise HandlerLoadError("%s: a second %s line (line %d has one): keep one"
+                                   % (where, keyword, settings[keyword][0]))
+        if keyword == "wrap" and value not in FORWARD_WRAPS:
+            raise HandlerLoadError("%s: wrap takes %s" % (where, " or ".join(FORWARD_WRAPS)))
+        parse = {"url": _forward_url, "secret": _forward_key,
+                 "timeout": _forward_timeout}.get(keyword)
+        settings[keyword] = (number, parse(_substitute(value, environ, where), where)
+                             if parse else value)
+    if "url" not in settings:
+        raise HandlerLoadError("%s has no url line: add one, as in: %s"
+                               % (name, FORWARD_EXAMPLES["url"]))
+    url_line, parts = settings["url"]
+    if parts.username is not None:
+        if authorization_line:
+            raise HandlerLoadError("%s line %d: the url has user:password@ and line %d an"
+                                   " Authorization header: keep one"
+                                   % (name, url_line, authorization_line))
+        credentials = "%s:%s" % (urllib.parse.unquote(parts.username),
+                                 urllib.parse.unquote(parts.password or ""))
+        basic = base64.b64encode(credentials.encode("utf-8")).decode("ascii")
+        headers.append(("Authorization", "Basic " + basic))
+    scheme = parts.scheme.lower()
+    return ForwardTarget(scheme=scheme, host=parts.hostname,
+                         port=parts.port or (443 if scheme == "https" else 80),
+                         target=(parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                         headers=tuple(headers), key=settings.get("secret", (0, None))[1],
+                         timeout=settings.get("timeout", (0, FORWARD_TIMEOUT))[1],
+                         wrap=settings.get("wrap", (0, None))[1])
+
+
+def _forward_lines(text: str, name: str):
+    """(line number, keyword, value, "NAME line N") of each setting line; no comments, no blanks."""
     for number, raw_line in enumerate(text.splitlines(), 1):
         line = FORWARD_COMMENT.sub("", raw_line).strip()
         if not line:
@@ -1970,70 +2006,34 @@ def parse_forward_file(text: str, environ: Dict[str, str],
         where = "%s line %d" % (name, number)
         if keyword not in FORWARD_KEYWORDS:
             close = difflib.get_close_matches(keyword, FORWARD_KEYWORDS, n=1)
-            raise HandlerLoadError("%s: %r is not a setting%s; a .forward file has url, "
-                                   "header, secret,"
-                                   " timeout and wrap lines" % (where, keyword[:40],
-                                                                " (did you mean %s?)" % close[0]
-                                                         if close else ""))
+            raise HandlerLoadError("%s: %r is not a setting%s; a .forward file has url, header,"
+                                   " secret, timeout and wrap lines"
+                                   % (where, keyword[:40],
+                                      " (did you mean %s?)" % close[0] if close else ""))
         if not value:
-            raise HandlerLoadError("%s: %s needs a value, as in: %s" % (where, keyword,
-                                                                        FORWARD_EXAMPLES[keyword]))
-        earlier = {"url": url_line, "secret": secret_line, "timeout": timeout_line,
-                   "wrap": wrap_line}.get(keyword)
-        if earlier:
-            raise HandlerLoadError("%s: a second %s line (line %d has one): keep one"
-                                   % (where, keyword, earlier))
-        if keyword == "header":
-            header_name, colon, header_value = value.partition(":")
-            header_name = header_name.strip()
-            if not colon or not FORWARD_HEADER_NAME.fullmatch(header_name):
-                raise HandlerLoadError("%s: write a header as header Name: value, with a name of "
-                                       "letters, digits"
-                                       " and -, as in: %s" % (where, FORWARD_EXAMPLES["header"]))
-            if header_name.lower() in FORWARD_RESERVED_HEADERS:
-                raise HandlerLoadError("%s: wabhook sets the %s header itself: remove this line%s"
-                                       % (
-                    where, header_name, " (a secret line "
-                                        "makes it sign)" if header_name.lower().startswith(
-                        "webhook-") else ""))
-            header_value = _substitute(header_value, environ, where).strip()
-            if not FORWARD_HEADER_VALUE.fullmatch(header_value):
-                raise HandlerLoadError("%s: the value of header %s holds a line break, a "
-                                       "control character or"
-                                       " non-ASCII text: header values are printable ASCII (check "
-                                       "the variables"
-                                       " it uses)" % (where, header_name))
-            if header_name.lower() == "authorization":
-                authorization_line = number
-            headers.append((header_name, header_value))
-        elif keyword == "url":
-            url_line, parts = number, _forward_url(_substitute(value, environ, where), where)
-        elif keyword == "secret":
-            secret_line, key = number, _forward_key(_substitute(value, environ, where), where)
-        elif keyword == "wrap":
-            if value not in FORWARD_WRAPS:
-                raise HandlerLoadError("%s: wrap takes %s" % (where, " or ".join(FORWARD_WRAPS)))
-            wrap_line, wrap = number, value
-        else:
-            timeout_line, timeout = number, _forward_timeout(_substitute(value, environ, where),
-                                                             where)
-    if parts is None:
-        raise HandlerLoadError("%s has no url line: add one, as in: %s"
-                               % (name, FORWARD_EXAMPLES["url"]))
-    if parts.username is not None:
-        if authorization_line:
-            raise HandlerLoadError("%s line %d: the url has user:password@ and line %d an "
-                                   "Authorization header:"
-                                   " keep one" % (name, url_line, authorization_line))
-        credentials = "%s:%s" % (urllib.parse.unquote(parts.username),
-                                 urllib.parse.unquote(parts.password or ""))
-        headers.append(("Authorization", "Basic "
-                        + base64.b64encode(credentials.encode("utf-8")).decode("ascii")))
-    scheme = parts.scheme.lower()
-    return ForwardTarget(scheme=scheme, host=parts.hostname, port=parts.port
-                         or (443 if scheme == "https" else 80),
-                         target=(parts.path or "/") + ("?" + parts.query if parts.query else ""),
-                         headers=tuple(headers), key=key, timeout=timeout, wrap=wrap)
+            raise HandlerLoadError("%s: %s needs a value, as in: %s"
+                                   % (where, keyword, FORWARD_EXAMPLES[keyword]))
+        yield number, keyword, value, where
+
+
+def _forward_header(value: str, environ: Dict[str, str], where: str) -> Tuple[str, str]:
+    """A `header Name: value` line's (name, value), ${VAR}s filled in; HandlerLoadError if bad."""
+    header_name, colon, header_value = value.partition(":")
+    header_name = header_name.strip()
+    if not colon or not FORWARD_HEADER_NAME.fullmatch(header_name):
+        raise HandlerLoadError("%s: write a header as header Name: value, with a name of letters,"
+                               " digits and -, as in: %s" % (where, FORWARD_EXAMPLES["header"]))
+    if header_name.lower() in FORWARD_RESERVED_HEADERS:
+        signs = header_name.lower().startswith("webhook-")
+        raise HandlerLoadError("%s: wabhook sets the %s header itself: remove this line%s"
+                               % (where, header_name,
+                                  " (a secret line makes it sign)" if signs else ""))
+    header_value = _substitute(header_value, environ, where).strip()
+    if not FORWARD_HEADER_VALUE.fullmatch(header_value):
+        raise HandlerLoadError("%s: the value of header %s holds a line break, a control character"
+                               " or non-ASCII text: header values are printable ASCII (check the"
+                               " variables it uses)" % (where, header_name))
+    return header_name, header_value
 
 
 def _substitute(value: str, environ: Dict[str, str], where: str) -> str:
