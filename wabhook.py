@@ -4423,26 +4423,30 @@ PAGE_HTML = r'''<!doctype html>
   <section id="list" aria-labelledby="list-title">
     <h2 id="list-title">Events</h2>
     <form id="filters" role="search">
-      <label>type <input id="filter-type" name="type" list="event-types" size="14" autocomplete="off"></label>
+      <label>type <input id="filter-type" name="type" list="event-types" size="14"
+        autocomplete="off"></label>
       <datalist id="event-types">
-        <option value="message"><option value="connected"><option value="disconnected"><option value="typing">
-        <option value="poll_vote"><option value="event_response"><option value="call_incoming">
-        <option value="call_terminated"><option value="offline_sync_preview"><option value="offline_sync_completed">
+        <option value="message"><option value="connected"><option value="disconnected">
+        <option value="typing"><option value="poll_vote"><option value="event_response">
+        <option value="call_incoming"><option value="call_terminated">
+        <option value="offline_sync_preview"><option value="offline_sync_completed">
         <option value="profile_picture_updated">
       </datalist>
-      <label>bridge <input id="filter-bridge" name="bridge" size="14" placeholder="any (- = default)"
-        autocomplete="off"></label>
+      <label>bridge <input id="filter-bridge" name="bridge" size="14"
+        placeholder="any (- = default)" autocomplete="off"></label>
       <label>status <select id="filter-status" name="status">
-        <option value="">any</option><option value="pending">pending</option><option value="done">done</option>
-        <option value="dead">dead</option><option value="discarded">discarded</option>
-        <option value="skipped">skipped</option></select></label>
+        <option value="">any</option><option value="pending">pending</option>
+        <option value="done">done</option><option value="dead">dead</option>
+        <option value="discarded">discarded</option><option value="skipped">skipped</option>
+        </select></label>
       <button type="submit">Filter</button>
       <button type="reset">Clear</button>
     </form>
     <table id="events">
-      <thead><tr><th scope="col">#</th><th scope="col">received (UTC)</th><th scope="col">bridge</th>
-        <th scope="col">event</th><th scope="col">status</th><th scope="col">handlers</th>
-        <th scope="col">body</th><th scope="col"><span class="sr">actions</span></th></tr></thead>
+      <thead><tr><th scope="col">#</th><th scope="col">received (UTC)</th>
+        <th scope="col">bridge</th><th scope="col">event</th><th scope="col">status</th>
+        <th scope="col">handlers</th><th scope="col">body</th>
+        <th scope="col"><span class="sr">actions</span></th></tr></thead>
       <tbody></tbody>
     </table>
     <p id="events-empty" hidden>No events match.</p>
@@ -4455,16 +4459,18 @@ PAGE_HTML = r'''<!doctype html>
 
   <section id="detail" aria-labelledby="detail-title" hidden>
     <h2 id="detail-title">Event</h2>
-    <button type="button" id="detail-close" data-action="close" aria-label="Close the event">Close</button>
+    <button type="button" id="detail-close" data-action="close"
+      aria-label="Close the event">Close</button>
     <dl id="detail-meta" class="meta"></dl>
     <p id="detail-actions"></p>
     <h3>Body</h3>
     <pre id="detail-body"></pre>
     <table id="deliveries">
       <caption>Deliveries</caption>
-      <thead><tr><th scope="col">handler</th><th scope="col">status</th><th scope="col">attempts</th>
-        <th scope="col">started</th><th scope="col">finished</th><th scope="col">exit</th>
-        <th scope="col">next attempt</th><th scope="col">last error</th><th scope="col">output</th></tr></thead>
+      <thead><tr><th scope="col">handler</th><th scope="col">status</th>
+        <th scope="col">attempts</th><th scope="col">started</th><th scope="col">finished</th>
+        <th scope="col">exit</th><th scope="col">next attempt</th><th scope="col">last error</th>
+        <th scope="col">output</th></tr></thead>
       <tbody></tbody>
     </table>
   </section>
@@ -4474,48 +4480,116 @@ PAGE_HTML = r'''<!doctype html>
 '''
 
 PAGE_CSS = r'''/* wabhook inbox page: system fonts, no external assets. */
-:root { --fg: #1d232a; --muted: #5d6873; --line: #d9dee3; --bg: #fff; --panel: #f5f7f9; --accent: #0b63c5;
-        --done: #1a7f37; --pending: #9a6700; --dead: #c4281c; --other: #5d6873; color-scheme: light dark; }
+:root {
+  --fg: #1d232a;
+  --muted: #5d6873;
+  --line: #d9dee3;
+  --bg: #fff;
+  --panel: #f5f7f9;
+  --accent: #0b63c5;
+  --done: #1a7f37;
+  --pending: #9a6700;
+  --dead: #c4281c;
+  --other: #5d6873;
+  color-scheme: light dark;
+}
 @media (prefers-color-scheme: dark) {
-  :root { --fg: #e6e9ec; --muted: #9aa4ae; --line: #39414a; --bg: #15191d; --panel: #1d2227; --accent: #5aa2f0;
-          --done: #4cc26b; --pending: #d8a73a; --dead: #f0675b; }
+  :root {
+    --fg: #e6e9ec;
+    --muted: #9aa4ae;
+    --line: #39414a;
+    --bg: #15191d;
+    --panel: #1d2227;
+    --accent: #5aa2f0;
+    --done: #4cc26b;
+    --pending: #d8a73a;
+    --dead: #f0675b;
+  }
 }
 * { box-sizing: border-box; }
 [hidden] { display: none !important; }
-body { margin: 0 auto; max-width: 78rem; padding: 0 1rem 2rem; color: var(--fg); background: var(--bg);
-       font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+body {
+  margin: 0 auto;
+  max-width: 78rem;
+  padding: 0 1rem 2rem;
+  color: var(--fg);
+  background: var(--bg);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+}
 code, pre, .time, .preview, td[data-count], dd {
-  font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12.5px; }
+  font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace;
+  font-size: 12.5px;
+}
 h1 { font-size: 1.25rem; margin: 0; }
 h2 { font-size: 1rem; margin: 0 0 .5rem; }
 h3 { font-size: .9rem; margin: 1rem 0 .25rem; }
-header { display: flex; align-items: baseline; gap: 1rem; padding: .75rem 0; border-bottom: 1px solid var(--line);
-         margin-bottom: 1rem; }
+header {
+  display: flex;
+  align-items: baseline;
+  gap: 1rem;
+  padding: .75rem 0;
+  border-bottom: 1px solid var(--line);
+  margin-bottom: 1rem;
+}
 #status { color: var(--muted); margin: 0; }
 #notice { margin: 0; flex: 1; }
 #notice.error { color: var(--dead); }
 section { margin-bottom: 1.25rem; }
 
-button { font: inherit; padding: .2rem .6rem; border: 1px solid var(--line); border-radius: 4px;
-         background: var(--panel); color: var(--fg); cursor: pointer; }
+button {
+  font: inherit;
+  padding: .2rem .6rem;
+  border: 1px solid var(--line);
+  border-radius: 4px;
+  background: var(--panel);
+  color: var(--fg);
+  cursor: pointer;
+}
 button:hover:not(:disabled) { border-color: var(--accent); }
 button:disabled { opacity: .45; cursor: default; }
 button:focus-visible, input:focus-visible, select:focus-visible {
-  outline: 2px solid var(--accent); outline-offset: 1px; }
-button.link { border: 0; background: none; padding: 0; color: var(--accent); text-decoration: underline; }
+  outline: 2px solid var(--accent);
+  outline-offset: 1px;
+}
+button.link {
+  border: 0;
+  background: none;
+  padding: 0;
+  color: var(--accent);
+  text-decoration: underline;
+}
 button.replay { border-color: var(--done); color: var(--done); }
 button.discard { border-color: var(--dead); color: var(--dead); }
-input, select { font: inherit; padding: .15rem .35rem; border: 1px solid var(--line); border-radius: 4px;
-                background: var(--bg); color: var(--fg); }
+input, select {
+  font: inherit;
+  padding: .15rem .35rem;
+  border: 1px solid var(--line);
+  border-radius: 4px;
+  background: var(--bg);
+  color: var(--fg);
+}
 
-#token-form { max-width: 26rem; margin: 3rem auto; padding: 1.25rem; border: 1px solid var(--line); border-radius: 6px;
-              background: var(--panel); display: grid; gap: .5rem; }
+#token-form {
+  max-width: 26rem;
+  margin: 3rem auto;
+  padding: 1.25rem;
+  border: 1px solid var(--line);
+  border-radius: 6px;
+  background: var(--panel);
+  display: grid;
+  gap: .5rem;
+}
 #token-form p { margin: 0; }
 .note { color: var(--muted); font-size: 12px; }
 
 .counts { display: flex; flex-wrap: wrap; gap: .5rem; margin: 0 0 .75rem; }
-.counts div { padding: .4rem .8rem; border: 1px solid var(--line); border-radius: 6px; background: var(--panel);
-              min-width: 7rem; }
+.counts div {
+  padding: .4rem .8rem;
+  border: 1px solid var(--line);
+  border-radius: 6px;
+  background: var(--panel);
+  min-width: 7rem;
+}
 .counts dt { color: var(--muted); font-size: 12px; }
 .counts dd { margin: 0; font-size: 1.2rem; }
 #count-dead { font: inherit; padding: 0; border: 0; background: none; color: inherit; }
@@ -4524,44 +4598,86 @@ input, select { font: inherit; padding: .15rem .35rem; border: 1px solid var(--l
 
 table { border-collapse: collapse; width: 100%; }
 caption { text-align: left; color: var(--muted); font-size: 12px; padding-bottom: .25rem; }
-th, td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+th, td {
+  text-align: left;
+  padding: .25rem .5rem;
+  border-bottom: 1px solid var(--line);
+  vertical-align: top;
+}
 thead th { font-weight: 600; color: var(--muted); font-size: 12px; }
 #handlers { width: auto; }
 td[data-count] { text-align: right; }
 #events tbody tr { cursor: pointer; }
 #events tbody tr:hover { background: var(--panel); }
 #events tbody tr.selected { background: var(--panel); box-shadow: inset 3px 0 var(--accent); }
-.preview { max-width: 28rem; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; color: var(--muted); }
+.preview {
+  max-width: 28rem;
+  overflow: hidden;
+  text-overflow: ellipsis;
+  white-space: nowrap;
+  color: var(--muted);
+}
 .actions { white-space: nowrap; }
 .actions button + button, #detail-actions button + button { margin-left: .35rem; }
 .deliveries { display: flex; flex-direction: column; }
-.badge { display: inline-block; padding: 0 .4rem; border-radius: 3px; border: 1px solid currentColor; font-size: 12px; }
+.badge {
+  display: inline-block;
+  padding: 0 .4rem;
+  border-radius: 3px;
+  border: 1px solid currentColor;
+  font-size: 12px;
+}
 .st-done { color: var(--done); }
 .st-pending, .st-running { color: var(--pending); }
 .st-dead { color: var(--dead); }
 .st-discarded, .st-skipped, .st-other { color: var(--other); }
 
-#filters { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem .9rem; margin-bottom: .5rem; }
+#filters {
+  display: flex;
+  flex-wrap: wrap;
+  align-items: center;
+  gap: .5rem .9rem;
+  margin-bottom: .5rem;
+}
 .pager { display: flex; gap: .5rem; margin-top: .5rem; }
-.sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); white-space: nowrap; }
+.sr {
+  position: absolute;
+  width: 1px;
+  height: 1px;
+  overflow: hidden;
+  clip-path: inset(50%);
+  white-space: nowrap;
+}
 
-#detail { position: relative; padding: 1rem; border: 1px solid var(--line); border-radius: 6px;
-          background: var(--panel); }
+#detail {
+  position: relative;
+  padding: 1rem;
+  border: 1px solid var(--line);
+  border-radius: 6px;
+  background: var(--panel);
+}
 #detail-close { position: absolute; top: .75rem; right: .75rem; }
 .meta { display: flex; flex-wrap: wrap; gap: .25rem 1.5rem; margin: 0 0 .5rem; }
 .meta dt { color: var(--muted); font-size: 12px; }
 .meta dd { margin: 0; }
 pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; }
-#detail-body { padding: .6rem .75rem; background: var(--bg); border: 1px solid var(--line); border-radius: 4px;
-               max-height: 24rem; overflow: auto; }
+#detail-body {
+  padding: .6rem .75rem;
+  background: var(--bg);
+  border: 1px solid var(--line);
+  border-radius: 4px;
+  max-height: 24rem;
+  overflow: auto;
+}
 #deliveries { margin-top: 1rem; }
 #deliveries pre { max-height: 12rem; overflow: auto; }
 pre.error { color: var(--dead); }
 '''
 
-PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws counters, events and one event.
-// Every value that comes from an event is inserted as text (createTextNode / textContent), never as
-// HTML; the page's Content-Security-Policy admits this file and ui.css only.
+PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws counters, events
+// and one event. Every value that comes from an event is inserted as text
+// (createTextNode / textContent), never as HTML; the page's Content-Security-Policy
+// admits this file and ui.css only.
 'use strict';
 
 (function () {
@@ -4574,7 +4690,8 @@ PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws 
 
   const state = {
     filters: {}, before: null, newer: [], nextBefore: null,   // the page of events shown
-    detailId: null, eventsText: null, detailText: null,        // last answers drawn (skip identical redraws)
+    detailId: null, eventsText: null, detailText: null,        // last answers drawn
+                                                               // (skip identical redraws)
     locked: false, running: false, again: false, timer: null, pollFailed: false,
   };
 
@@ -4601,7 +4718,8 @@ PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws 
 
   function age(seconds) {
     if (!seconds) return NONE;
-    return seconds < 90 ? Math.round(seconds) + ' s' : seconds < 5400 ? Math.round(seconds / 60) + ' min'
+    return seconds < 90 ? Math.round(seconds) + ' s'
+      : seconds < 5400 ? Math.round(seconds / 60) + ' min'
       : (seconds / 3600).toFixed(1) + ' h';
   }
 
@@ -4631,7 +4749,11 @@ PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws 
   }
 
   function storedToken() {
-    try { return sessionStorage.getItem(TOKEN_KEY); } catch (err) { return null; }  // storage disabled
+    try {
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch (err) {
+      return null;  // storage disabled
+    }
   }
 
   // -- the API -----------------------------------------------------------------
@@ -4660,7 +4782,10 @@ PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws 
 
   async function refresh() {
     if (state.locked) return;
-    if (state.running) { state.again = true; return; }   // one round at a time; run once more after it
+    if (state.running) {  // one round at a time; run once more after it
+      state.again = true;
+      return;
+    }
     state.running = true;
     clearTimeout(state.timer);
     try {
@@ -4741,7 +4866,8 @@ PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws 
     const handlers = stats.handlers || {};
     const rows = Object.keys(handlers).sort().map((name) => el('tr', {'data-handler': name},
       el('th', {scope: 'row'}, name),
-      ...HANDLER_COLUMNS.map((column) => el('td', {'data-count': column}, handlers[name][column] || 0))));
+      ...HANDLER_COLUMNS.map((column) => el('td', {'data-count': column},
+                                            handlers[name][column] || 0))));
     $('#handlers tbody').replaceChildren(...rows);
   }
 
@@ -4758,16 +4884,19 @@ PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws 
     const list = el('span', {class: 'deliveries'});
     for (const delivery of deliveries) {
       const known = STATUSES.includes(delivery.status) ? delivery.status : 'other';
-      list.appendChild(el('span', {class: 'delivery st-' + known, title: delivery.last_error || null},
-        delivery.handler + ' ' + delivery.status + (delivery.attempts > 1 ? ' \u00d7' + delivery.attempts : '')));
+      list.appendChild(el('span', {class: 'delivery st-' + known,
+                                   title: delivery.last_error || null},
+        delivery.handler + ' ' + delivery.status +
+        (delivery.attempts > 1 ? ' \u00d7' + delivery.attempts : '')));
     }
     return list;
   }
 
   function renderEvents(events) {
     const rows = events.map((event) => el('tr', {'data-id': event.id, 'data-status': event.status},
-      el('td', {}, el('button', {type: 'button', class: 'link', 'data-action': 'open', 'data-id': event.id,
-                                 'aria-label': 'Show event ' + event.id}, '#' + event.id)),
+      el('td', {}, el('button', {type: 'button', class: 'link', 'data-action': 'open',
+                                 'data-id': event.id, 'aria-label': 'Show event ' + event.id},
+                      '#' + event.id)),
       el('td', {class: 'time'}, utc(event.received_at)),
       el('td', {}, event.bridge === null ? '(default)' : event.bridge),
       el('td', {}, event.event),
@@ -4787,10 +4916,11 @@ PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws 
     panel.setAttribute('data-id', event.id);
     panel.setAttribute('data-status', event.status);
     $('#detail-title').textContent = 'Event #' + event.id;
-    const meta = [['received', utc(event.received_at)], ['bridge', event.bridge === null ? '(default)' : event.bridge],
+    const meta = [['received', utc(event.received_at)],
+                  ['bridge', event.bridge === null ? '(default)' : event.bridge],
                   ['event', event.event], ['status', badge(event.status)]];
-    $('#detail-meta').replaceChildren(...meta.map(([name, value]) => el('div', {}, el('dt', {}, name),
-                                                                         el('dd', {}, value))));
+    $('#detail-meta').replaceChildren(...meta.map(([name, value]) => el('div', {},
+      el('dt', {}, name), el('dd', {}, value))));
     $('#detail-actions').replaceChildren(...actionButtons(event));
     $('#detail-body').textContent = pretty(event.body);
     const rows = (event.deliveries || []).map((delivery) => el('tr',
@@ -4912,17 +5042,25 @@ PAGE_JS = r'''// wabhook inbox page: polls the JSON API once a second and draws 
     else if (action === 'replay' || action === 'discard') act(action, id, button);
     else if (action === 'close') closeDetail();
     else if (action === 'older' || action === 'newer' || action === 'latest') page(action);
-    else if (action === 'forget') { sessionStorage.removeItem(TOKEN_KEY); askForToken('Token forgotten.'); }
+    else if (action === 'forget') {
+      sessionStorage.removeItem(TOKEN_KEY);
+      askForToken('Token forgotten.');
+    }
     else if (action === 'show-dead') { $('#filter-status').value = 'dead'; applyFilters(); }
   }
 
   function start() {
     $('#token-form').addEventListener('submit', unlock);
-    $('#filters').addEventListener('submit', (event) => { event.preventDefault(); applyFilters(); });
+    $('#filters').addEventListener('submit', (event) => {
+      event.preventDefault();
+      applyFilters();
+    });
     $('#filters').addEventListener('change', applyFilters);
-    $('#filters').addEventListener('reset', () => setTimeout(applyFilters, 0));  // fires before the fields clear
+    // 'reset' fires before the fields clear: apply the filters once they have
+    $('#filters').addEventListener('reset', () => setTimeout(applyFilters, 0));
     document.addEventListener('click', clicked);
-    document.addEventListener('visibilitychange', () => (document.hidden ? clearTimeout(state.timer) : refresh()));
+    document.addEventListener('visibilitychange',
+                              () => (document.hidden ? clearTimeout(state.timer) : refresh()));
     refresh();
   }
 
