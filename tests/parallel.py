@@ -26,8 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def worker_count():
-    """UNITTEST_WORKERS if set, else one a core but at least two (the tests mostly wait)."""
-    return int(os.environ.get("UNITTEST_WORKERS") or max(2, os.cpu_count() or 1))
+    """UNITTEST_WORKERS if set, else one more than the cores, at least three: the tests mostly
+    wait (on servers, subprocesses, timeouts), so a core serves more than one worker."""
+    return int(os.environ.get("UNITTEST_WORKERS") or max(3, (os.cpu_count() or 1) + 1))
 
 
 class WorkerError(Exception):
