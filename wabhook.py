@@ -5847,65 +5847,60 @@ def cmd_stats(config: Config, args, log: logging.Logger) -> int:
     return 0
 
 
-def _dead_in_batches(inbox: Inbox, act: Callable[[List[int]], object], verb: str) -> int:
-    """Apply `act` to every dead event, REPLAY_BATCH at a time, printing progress; how many there
-    were."""
-    total, after = 0, 0
-    while True:
-        batch = inbox.dead_event_ids(after, REPLAY_BATCH)
-        if not batch:
-            return total
-        act(batch)
-        total += len(batch)
-        after = batch[-1]
-        print("%s dead events: %d so far" % (verb, total), file=sys.stderr)
+def _ids_or_dead(config: Config, args, verb: Tuple[str, str],
+                 act: Callable[[Inbox, List[int]], Tuple[List[int], List[str]]]) -> int:
+    """`replay` and `discard`: act(inbox, ids) -> (ids acted on, errors) on the ids given, or
+    on every dead event (--dead), REPLAY_BATCH at a time with progress.
+
+    verb: the past and the progressive, ("replayed", "replaying").
+    """
+    if bool(args.ids) == bool(args.dead):
+        print("error: give event ids or --dead (not both)", file=sys.stderr)
+        return 2
+    done_word, doing_word = verb
+    inbox = _open_existing_inbox(config)
+    try:
+        if not args.dead:
+            acted, errors = act(inbox, args.ids)
+        else:
+            total, after = 0, 0
+            while True:
+                batch = inbox.dead_event_ids(after, REPLAY_BATCH)
+                if not batch:
+                    break
+                act(inbox, batch)
+                total, after = total + len(batch), batch[-1]
+                print("%s dead events: %d so far" % (doing_word, total), file=sys.stderr)
+            print("%s %d dead events" % (done_word, total))
+            return 0
+    finally:
+        inbox.close()
+    print("%s %d events%s" % (done_word, len(acted),
+                              (": " + " ".join(map(str, acted))) if acted else ""))
+    for error in errors:
+        print("error: " + error, file=sys.stderr)
+    return 1 if errors else 0
 
 
 def cmd_replay(config: Config, args, log: logging.Logger) -> int:
     """replay: queue events again, by id or every dead one (--dead)."""
-    if bool(args.ids) == bool(args.dead):
-        print("error: give event ids or --dead (not both)", file=sys.stderr)
-        return 2
-    inbox = _open_existing_inbox(config)
-    try:
-        if args.dead:
-            print("replayed %d dead events" % _dead_in_batches(inbox, inbox.replay, "replaying"))
-            return 0
-        replayed = inbox.replay(args.ids)
-        missing = sorted(set(args.ids) - set(replayed))
-        print("replayed %d events%s" % (len(replayed), (": " + " ".join(map(str, replayed)))
-                                        if replayed else ""))
-        for event_id in missing:
-            print("error: no event %d in %s" % (event_id, config.db), file=sys.stderr)
-        return 1 if missing else 0
-    finally:
-        inbox.close()
+    def replay(inbox: Inbox, ids: List[int]) -> Tuple[List[int], List[str]]:
+        replayed = inbox.replay(ids)
+        return replayed, ["no event %d in %s" % (event_id, config.db)
+                          for event_id in sorted(set(ids) - set(replayed))]
+    return _ids_or_dead(config, args, ("replayed", "replaying"), replay)
 
 
 def cmd_discard(config: Config, args, log: logging.Logger) -> int:
     """discard: set dead events aside, by id or every one (--dead)."""
-    if bool(args.ids) == bool(args.dead):
-        print("error: give event ids or --dead (not both)", file=sys.stderr)
-        return 2
-    inbox = _open_existing_inbox(config)
-    try:
-        if args.dead:
-            print("discarded %d dead events" % _dead_in_batches(inbox, inbox.discard, "discarding"))
-            return 0
-        before = inbox.discard(args.ids)
-    finally:
-        inbox.close()
-    discarded = [event_id for event_id in args.ids if before.get(event_id) == "dead"]
-    print("discarded %d events%s" % (len(discarded), (": " + " ".join(map(str, discarded)))
-                                     if discarded else ""))
-    for event_id in args.ids:
-        if event_id not in before:
-            print("error: no event %d in %s" % (event_id, config.db), file=sys.stderr)
-        elif before[event_id] != "dead":
-            print("error: event %d is %s, not dead: only dead letters are discarded"
-                  % (event_id, before[event_id]),
-                  file=sys.stderr)
-    return 0 if len(discarded) == len(args.ids) else 1
+    def discard(inbox: Inbox, ids: List[int]) -> Tuple[List[int], List[str]]:
+        before = inbox.discard(ids)
+        errors = ["no event %d in %s" % (event_id, config.db) if event_id not in before else
+                  "event %d is %s, not dead: only dead letters are discarded"
+                  % (event_id, before[event_id])
+                  for event_id in ids if before.get(event_id) != "dead"]
+        return [event_id for event_id in ids if before.get(event_id) == "dead"], errors
+    return _ids_or_dead(config, args, ("discarded", "discarding"), discard)
 
 
 def _send_arguments(parser: argparse.ArgumentParser) -> None:
@@ -5944,7 +5939,7 @@ def _show_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
-def _ids_or_dead(what: str) -> Callable[[argparse.ArgumentParser], None]:
+def _ids_or_dead_arguments(what: str) -> Callable[[argparse.ArgumentParser], None]:
     def arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("ids", nargs="*", type=_event_id, metavar="ID", help="inbox ids "
                                                                                  "(see `events`)")
@@ -5982,11 +5977,11 @@ COMMANDS = {
     "replay": Command(cmd_replay, "queue events again: their dead deliveries, or "
                                   "every handler anew",
                       "{prog} replay 41 42   |   {prog} replay --dead", ("db",),
-                      _ids_or_dead("queue them again")),
+                      _ids_or_dead_arguments("queue them again")),
     "discard": Command(cmd_discard, "set dead letters aside: kept in the inbox, no longer "
                                     "counted as dead",
                        "{prog} discard 41 42   |   {prog} discard --dead", ("db",),
-                       _ids_or_dead("set them all aside")),
+                       _ids_or_dead_arguments("set them all aside")),
     "stats": Command(cmd_stats, "counts of events by status and type, deliveries by handler",
                      "{prog} stats --json", ("db",), _stats_arguments),
 }

@@ -29,6 +29,15 @@ SAMPLES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples
 DEFAULT_WAIT = 15.0
 
 
+# A handler that appends [id, type, class name, bridge] of each event to <tmp>/seen.
+TYPED_RECORD_HANDLER = '''
+import json, os
+def handle(event):
+    with open(os.path.join(%(tmp)r, "seen"), "a") as out:
+        out.write(json.dumps([event.id, event.event, type(event).__name__, event.bridge]) + "\\n")
+'''
+
+
 def load_samples():
     """The sender's 11 documented sample events, as dicts, in file order."""
     with open(SAMPLES_FILE, encoding="utf-8") as handle:

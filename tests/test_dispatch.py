@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 
-from tests.support import WabhookTestCase, load_samples, wait_until
+from tests.support import TYPED_RECORD_HANDLER, WabhookTestCase, load_samples, wait_until
 
 import wabhook
 
@@ -728,13 +728,6 @@ class SecondSignalTest(DispatchTestCase):
         self.assertEqual(self.event_status(event_id), "pending")
         self.assertEqual(self.deliveries(event_id)["message.py"][:2], ("pending", 0))  # no attempt used
 
-
-TYPED_RECORD_HANDLER = '''
-import json, os
-def handle(event):
-    with open(os.path.join(%(tmp)r, "seen"), "a") as out:
-        out.write(json.dumps([event.id, event.event, type(event).__name__, event.bridge]) + "\\n")
-'''
 
 
 class CorePromisesTest(WabhookTestCase):

@@ -9,7 +9,7 @@ import json
 import signal
 import typing
 
-from tests.support import WabhookTestCase, load_samples, wait_until
+from tests.support import TYPED_RECORD_HANDLER, WabhookTestCase, load_samples, wait_until
 
 import wabhook
 
@@ -415,13 +415,6 @@ def handle(event):
         self.assertFalse(unknown["isinstance_message"])
         self.assertEqual(self.terminate(process, signal.SIGTERM), 0)
 
-
-TYPED_RECORD_HANDLER = '''
-import json, os
-def handle(event):
-    with open(os.path.join(%(tmp)r, "seen"), "a") as out:
-        out.write(json.dumps([event.id, event.event, type(event).__name__, event.bridge]) + "\\n")
-'''
 
 
 class SamplesEndToEndTest(WabhookTestCase):

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 
-from tests.support import WabhookTestCase, load_samples, wait_until
+from tests.support import TYPED_RECORD_HANDLER, WabhookTestCase, load_samples, wait_until
 
 import wabhook
 
@@ -666,13 +666,6 @@ class LostFilesTest(WabhookTestCase):
         self.assertEqual([event_id for event_id in seen if event_id in ids], ids)  # in order in their chat
         self.assertEqual(self.request(server, "GET", "/healthz")[0], 200)
 
-
-TYPED_RECORD_HANDLER = '''
-import json, os
-def handle(event):
-    with open(os.path.join(%(tmp)r, "seen"), "a") as out:
-        out.write(json.dumps([event.id, event.event, type(event).__name__, event.bridge]) + "\\n")
-'''
 
 
 class DuplicateDeliveryTest(WabhookTestCase):
