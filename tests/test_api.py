@@ -58,6 +58,14 @@ def connected():
 
 
 class ApiTestCase(WabhookTestCase):
+    def done_and_dead(self, server):
+        """(id of a delivered message, id of a dead `connected`): connected.py must fail, retries=1."""
+        done_id = self.store(server, message(1))
+        dead_id = self.store(server, connected())
+        self.wait_event(server, done_id, "done")
+        self.wait_event(server, dead_id, "dead")
+        return done_id, dead_id
+
     def call(self, server, method, path, headers=AUTH, body=None):
         """(status, lower-case headers, raw body) of one request; Bearer token unless told otherwise."""
         return self.request(server, method, path, body, headers)
@@ -590,10 +598,7 @@ class ActionsTest(ApiTestCase):
         self.write_handler("message.py", OK_HANDLER)
         self.write_handler("connected.py", FAILING_HANDLER)
         server = self.start_server(token=TOKEN, retries=1)
-        done_id = self.store(server, message(1))
-        dead_id = self.store(server, connected())
-        self.wait_event(server, done_id, "done")
-        self.wait_event(server, dead_id, "dead")
+        done_id, dead_id = self.done_and_dead(server)
         self.assertEqual(json.loads(self.call(server, "GET", "/healthz", {})[2])["dead"], 1)
 
         status, _headers, data = self.call(server, "POST", "/api/events/%d/discard" % dead_id)
@@ -658,10 +663,7 @@ class ErrorBodyTest(ApiTestCase):
     def test_every_api_error_is_json_ok_false_error_and_message(self):
         self.write_handler("connected.py", FAILING_HANDLER)
         server = self.start_server(token=TOKEN, retries=1)
-        done_id = self.store(server, message(1))
-        dead_id = self.store(server, connected())
-        self.wait_event(server, done_id, "done")
-        self.wait_event(server, dead_id, "dead")
+        done_id, dead_id = self.done_and_dead(server)
         cases = [
             ("GET", "/api/stats", {}, 401, "unauthorized"),
             ("GET", "/api/events?token=wrong", {}, 401, "unauthorized"),
