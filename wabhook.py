@@ -703,14 +703,14 @@ DDL_INDEXES = (
 HEAD_SCAN_ROWS = 256
 # A delivery of an order-holding handler (see holds_chat) is not due while an earlier event of its
 # chat waits for that same handler. Appended to the claim's "due" condition on `deliveries`.
-NOT_HELD = """ AND NOT (handler LIKE '%%%s' AND EXISTS (
+NOT_HELD = """ AND NOT (handler GLOB '*%s' AND EXISTS (
     SELECT 1 FROM deliveries AS earlier WHERE earlier.status = 'pending'
     AND earlier.lane = deliveries.lane
     AND earlier.event_id < deliveries.event_id
     AND earlier.handler = deliveries.handler))""" % FORWARD_SUFFIX
 DUE_LANE_HEADS = """
 SELECT lane, MIN(event_id) FROM deliveries
-WHERE status = 'pending' AND next_attempt_at <= :now
+WHERE status = 'pending' AND next_attempt_at <= :now""" + NOT_HELD + """
   AND lane NOT IN (SELECT lane FROM deliveries WHERE status = 'running')
 GROUP BY lane ORDER BY 2 LIMIT :limit"""
 WALKED_LANE_HEADS = """
@@ -722,7 +722,8 @@ WITH RECURSIVE lanes(lane) AS (
 ),
 heads(lane, event_id) AS (
     SELECT lane, (SELECT event_id FROM deliveries
-                  WHERE status = 'pending' AND lane = lanes.lane AND next_attempt_at <= :now
+                  WHERE status = 'pending' AND lane = lanes.lane
+                    AND next_attempt_at <= :now""" + NOT_HELD + """
                   ORDER BY event_id LIMIT 1)
     FROM lanes WHERE lane IS NOT NULL
 )
@@ -1344,9 +1345,9 @@ class Inbox:
                 marks = ",".join("?" * len(part))
                 found.update(db.execute("SELECT id, status FROM events WHERE id IN (%s)" % marks,
                                         part))
-                db.execute("UPDATE deliveries SET status = 'discarded', updated_at = ?"
-                           " WHERE event_id IN (%s) AND +status = 'dead'" % marks, [time.time()]
-                           + part)
+                # updated_at stays: it is when the last run ended (`show`, the page).
+                db.execute("UPDATE deliveries SET status = 'discarded'"
+                           " WHERE event_id IN (%s) AND +status = 'dead'" % marks, part)
                 db.execute("UPDATE events SET status = 'discarded' WHERE id IN (%s) AND "
                            "status = 'dead'"
                            % marks, part)
@@ -2217,11 +2218,6 @@ class ForwardPool:
             for connection, _since in connections:
                 connection.close()
 
-    def idle_count(self, address: Optional[Tuple[str, str, int]] = None) -> int:
-        """Idle connections kept (to one target, or in all)."""
-        with self._lock:
-            return sum(len(c) for a, c in self._idle.items() if address is None or a == address)
-
     def _take(self, address) -> Optional[http.client.HTTPConnection]:
         """The most recently used idle connection to `address` that still looks open, or None."""
         stale = []
@@ -2422,7 +2418,6 @@ class ForwardHandler:
     environment, which is fixed when wabhook starts: a new value takes a restart.
     """
 
-    # what kind of handler (python, script, forward); was `kind` before commit 7356d58
     form = "forward"
 
     def __init__(self, name: str, path: str, signature, target: ForwardTarget):
@@ -5182,6 +5177,8 @@ class InboxAPI:
         return {"discarded": [event_id]}
 
 
+# Headers a reverse proxy adds to what it passes on (see Operator.admit).
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 Endpoint = namedtuple("Endpoint", "methods token static answer private")
 Endpoint.__doc__ = """One operator path: the methods it takes (None: answer() checks them),
 whether it
@@ -5225,25 +5222,32 @@ class Operator:
         return found
 
     def admit(self, method: str, headers: "Headers") -> None:
-        """Refuse what a hostile web page could make this machine's browser ask of the page or API.
+        """Without --token, refuse what could reach the page from beyond this machine's user.
 
-        Without --token the page is served on loopback only, and any web page the
-        user visits can reach 127.0.0.1 too: a name it re-points at 127.0.0.1 (DNS
-        rebinding) would read the inbox same-origin, so the Host must be a
-        loopback one. A POST from another origin (a form on any site needs no
-        preflight) is refused with or without a token.
+        The page is then served on loopback only, and everything that can reach
+        127.0.0.1 is let in, so three more doors are closed: a web page the user
+        visits re-pointing its own name at 127.0.0.1 (DNS rebinding: the Host must
+        be a loopback one), a reverse proxy on this machine passing the internet's
+        requests on (they carry Forwarded or X-Forwarded-For), and a form on any
+        site POSTing to 127.0.0.1 (no preflight: the Origin must be this server).
+        With a token none of them has it: the page asks for it and sends it as a
+        Bearer header, which a cross-site request cannot carry.
         """
+        if self.server.config.token:
+            return
         host = headers.get("Host", "")
-        if not self.server.config.token and not is_loopback(_host_of(host)):
-            raise Forbidden("forbidden_host", "without --token the page answers only requests "
-                                              "for localhost or"
-                                              " a loopback address; set --token to reach it "
-                                              "by another name")
+        if not is_loopback(_host_of(host)):
+            raise Forbidden("forbidden_host", "without --token the page answers only requests for"
+                                              " localhost or a loopback address; set --token to"
+                                              " reach it by another name")
+        if any(headers.get(name) is not None for name in PROXY_HEADERS):
+            raise Forbidden("forbidden_host", "without --token the page is not served through a"
+                                              " proxy; set --token to reach it that way")
         origin = headers.get("Origin")
         if (method == "POST" and origin is not None
                 and urllib.parse.urlsplit(origin).netloc.lower() != host.lower()):
-            raise Forbidden("cross_origin", "a POST from another origin is refused; use the page "
-                                            "itself or curl")
+            raise Forbidden("cross_origin", "a POST from another origin is refused; use the page"
+                                            " itself or curl")
 
     def health(self) -> Tuple[int, dict]:
         """GET /healthz: 200 when events are stored and delivered, else 503 saying why."""
@@ -5795,10 +5799,16 @@ FOLLOW_POLL_SECONDS = 0.5
 
 def cmd_events(config: Config, args, log: logging.Logger) -> int:
     """events: list the inbox's latest events (--follow to keep watching)."""
+    if args.follow and args.status not in (None, "pending"):
+        # A new event is pending when it is printed, and is not looked at again.
+        print("error: --follow prints events as they arrive, all pending; --status %s works"
+              " without --follow" % args.status, file=sys.stderr)
+        return 2
     inbox = _open_existing_inbox(config)
     filters = {"status": args.status, "event_type": args.type, "bridge": args.bridge}
     try:
-        events = inbox.list_events(limit=args.limit, **filters)
+        last = inbox.newest_id()  # first: an event stored meanwhile is printed by the loop below
+        events = inbox.list_events(limit=args.limit, before=last + 1, **filters)
         if not args.follow:
             _output(events, args.json, _event_lines)
             return 0
@@ -5807,7 +5817,6 @@ def cmd_events(config: Config, args, log: logging.Logger) -> int:
         # nothing.
         if not args.json:
             print(EVENTS_HEADER)
-        last = inbox.newest_id()
         while True:
             for item in reversed(events):
                 print(json.dumps(item) if args.json else "\n".join(_event_rows([item])), flush=True)
@@ -5858,6 +5867,7 @@ def _ids_or_dead(config: Config, args, verb: Tuple[str, str],
         print("error: give event ids or --dead (not both)", file=sys.stderr)
         return 2
     done_word, doing_word = verb
+    args.ids = list(dict.fromkeys(args.ids))  # `discard 5 5` is discard 5
     inbox = _open_existing_inbox(config)
     try:
         if not args.dead:
@@ -5868,8 +5878,8 @@ def _ids_or_dead(config: Config, args, verb: Tuple[str, str],
                 batch = inbox.dead_event_ids(after, REPLAY_BATCH)
                 if not batch:
                     break
-                act(inbox, batch)
-                total, after = total + len(batch), batch[-1]
+                acted, _changed_meanwhile = act(inbox, batch)  # another process may be at it too
+                total, after = total + len(acted), batch[-1]
                 print("%s dead events: %d so far" % (doing_word, total), file=sys.stderr)
             print("%s %d dead events" % (done_word, total))
             return 0

@@ -289,10 +289,12 @@ class WhoMaySeeItTest(ApiTestCase):
     # Regression guard: at 00c19d4, the actions took a body-less POST from any web page (a "simple"
     # cross-site request, no preflight): POST /api/events/ID/discard with "Origin: https://attacker.example"
     # on a 127.0.0.1 server without a token answered 200 {"discarded": [ID]}. Fixed by 6046fb8
-    # (403 cross_origin, with or without a token).
-    def test_a_post_from_another_origin_is_refused_with_or_without_a_token(self):
+    # (403 cross_origin). With a token the check is the token itself: a cross-site request cannot
+    # carry the Bearer header, and a proxy that rewrites Host would make the page's own POSTs look
+    # cross-origin; so this holds without a token, where it is the only guard.
+    def test_without_a_token_a_post_from_another_origin_is_refused(self):
         self.write_handler("connected.py", FAILING_HANDLER)
-        for token in (None, TOKEN):
+        for token in (None,):
             with self.subTest(token=token):
                 server = self.start_server(token=token, retries=1)
                 auth = AUTH if token else {}
@@ -679,7 +681,6 @@ class ErrorBodyTest(ApiTestCase):
             ("GET", "/api/events/%d/replay" % dead_id, AUTH, 405, "method_not_allowed"),
             ("POST", "/api/stats", AUTH, 405, "method_not_allowed"),
             ("PATCH", "/api/events", AUTH, 405, "method_not_allowed"),
-            ("POST", "/api/events/%d/discard" % dead_id, dict(AUTH, Origin="https://a.example"), 403, "cross_origin"),
         ]
         for method, path, headers, status, code in cases:
             with self.subTest(method=method, path=path):
@@ -688,6 +689,10 @@ class ErrorBodyTest(ApiTestCase):
         self.assertApiError(self.call(off, "GET", "/api/stats", {}), 404, "not_found")
         loopback = self.start_server()
         self.assertApiError(self.call(loopback, "GET", "/api/stats", {"Host": "a.example"}), 403, "forbidden_host")
+        self.assertApiError(self.call(loopback, "POST", "/api/events/%d/discard" % dead_id,
+                                      {"Origin": "https://a.example"}), 403, "cross_origin")
+        self.assertApiError(self.call(loopback, "GET", "/api/stats", {"X-Forwarded-For": "203.0.113.7"}),
+                            403, "forbidden_host")
         self.assertEqual(self.event_status(dead_id), "dead")  # none of it changed anything
 
 

@@ -629,6 +629,7 @@ class ClearMistakesTest(CliTestCase):
             (["evnts"], {}, 2, "'evnts' is not a command (did you mean events?)"),
             (["--port", "abc"], {}, 2, "--port='abc': expected a port from 0 to 65535"),
             (["events", "--limit", "0"], {}, 2, "--limit: expected a whole number of at least 1"),
+            (["events", "--follow", "--status", "dead"], {}, 2, "--status dead works without --follow"),
             (["serve", "--handlers", handlers_file, "--port", "0"], {}, 1, "is a file, not a folder"),
             (["check", "--handlers", handlers_file], {}, 1, "is a file, not a folder"),
         ]
