@@ -2126,12 +2126,6 @@ def webhook_id(event: Event, body: str) -> str:
     return "evt_" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def webhook_signature(key: bytes, message_id: str, timestamp: str, body: bytes) -> str:
-    """The Standard Webhooks `webhook-signature` value (v1, HMAC-SHA256 of "id.timestamp.body")."""
-    signed = ("%s.%s." % (message_id, timestamp)).encode("utf-8") + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
-
-
 class ForwardPool:
     """Idle keep-alive connections to forward targets, shared by every ForwardHandler of a Registry.
 
@@ -3340,14 +3334,19 @@ def signing_key(secret: str) -> bytes:
         raise ConfigError("--secret must be base64 (a whsec_... secret from the sender)") from None
 
 
+def webhook_signature(key: bytes, message_id: str, timestamp: str, body: bytes) -> str:
+    """The Standard Webhooks `webhook-signature` value (v1, HMAC-SHA256 of "id.timestamp.body"):
+    the one signing code, for `send --secret`, forwarding and verifying."""
+    signed = ("%s.%s." % (message_id, timestamp)).encode("utf-8", "surrogateescape") + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
+
+
 def sign_body(key: bytes, body: bytes, now: Optional[float] = None) -> Dict[str, str]:
     """Standard Webhooks headers for a body: what `send --secret` (and a sender that signs) adds."""
     message_id = "msg_" + secrets.token_hex(12)
     timestamp = str(int(time.time() if now is None else now))
-    signed = ("%s.%s." % (message_id, timestamp)).encode("ascii") + body
-    signature = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
-    return {"webhook-id": message_id, "webhook-timestamp": timestamp, "webhook-signature": "v1,"
-            + signature}
+    return {"webhook-id": message_id, "webhook-timestamp": timestamp,
+            "webhook-signature": webhook_signature(key, message_id, timestamp, body)}
 
 
 def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = None) -> None:
@@ -3365,8 +3364,7 @@ def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = No
     now = time.time() if now is None else now
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
         raise Unauthorized("stale_signature", "webhook-timestamp is more than 5 minutes off")
-    signed = ("%s.%s." % (message_id, timestamp)).encode("utf-8", "surrogateescape") + body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest())
+    expected = webhook_signature(key, message_id, timestamp, body)[3:].encode("ascii")
     matched = False
     for part in signatures.split():
         version, _, signature = part.partition(",")
