@@ -1433,23 +1433,22 @@ class Inbox:
         if after is not None:
             where.append("id > ?")
             params.append(after)
-        rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events%s ORDER "
-                          "BY id %s LIMIT ?"
+        rows = self._read("SELECT id, received_at, bridge, event, status, body FROM events%s"
+                          " ORDER BY id %s LIMIT ?"
                           % (" WHERE " + " AND ".join(where) if where else "",
-                             "ASC" if after is not None
-                             else "DESC"), params + [limit])
-        events = []
-        for event_id, received_at, bridge_label, event_name, event_status, body in rows:
-            deliveries = [
-                {"handler": handler, "status": d_status, "attempts": attempts, "last_error": error}
-                for handler, d_status, attempts, error in self._read(
-                    "SELECT handler, status, attempts, last_error FROM deliveries "
-                    "WHERE event_id = ?"
-                    " ORDER BY handler", (event_id,))]
-            events.append({"id": event_id, "received_at": received_at, "bridge": bridge_label,
-                           "event": event_name, "status": event_status, "body": body,
-                           "deliveries": deliveries})
-        return events
+                             "ASC" if after is not None else "DESC"), params + [limit])
+        deliveries: Dict[int, List[dict]] = {row[0]: [] for row in rows}
+        for part in _chunks(list(deliveries), SQL_ROWS):  # one query a hundred events, not one each
+            for event_id, handler, d_status, attempts, error in self._read(
+                    "SELECT event_id, handler, status, attempts, last_error FROM deliveries"
+                    " WHERE event_id IN (%s) ORDER BY event_id, handler" % ",".join("?" * len(part)),
+                    part):
+                deliveries[event_id].append({"handler": handler, "status": d_status,
+                                             "attempts": attempts, "last_error": error})
+        return [{"id": event_id, "received_at": received_at, "bridge": bridge_label,
+                 "event": event_name, "status": event_status, "body": body,
+                 "deliveries": deliveries[event_id]}
+                for event_id, received_at, bridge_label, event_name, event_status, body in rows]
 
     def newest_id(self) -> int:
         """The id of the newest event stored (0: none yet)."""
