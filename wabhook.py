@@ -1441,8 +1441,8 @@ class Inbox:
         for part in _chunks(list(deliveries), SQL_ROWS):  # one query a hundred events, not one each
             for event_id, handler, d_status, attempts, error in self._read(
                     "SELECT event_id, handler, status, attempts, last_error FROM deliveries"
-                    " WHERE event_id IN (%s) ORDER BY event_id, handler" % ",".join("?" * len(part)),
-                    part):
+                    " WHERE event_id IN (%s) ORDER BY event_id, handler"
+                    % ",".join("?" * len(part)), part):
                 deliveries[event_id].append({"handler": handler, "status": d_status,
                                              "attempts": attempts, "last_error": error})
         return [{"id": event_id, "received_at": received_at, "bridge": bridge_label,
