@@ -71,6 +71,16 @@ class DispatchTestCase(WabhookTestCase):
         values = dict(dict(tmp=self.tmp, release=self.release), **values)
         return self.write_handler(name, template % values)
 
+    def running(self, template, *args):
+        """A server process (`args`) whose message.py (`template`) has started on one message:
+        (process, port, that event's id)."""
+        self.handler("message.py", template)
+        process, port = self.start_process(*args)
+        event_id = self.post_id(port, message())
+        wait_until(lambda: os.path.exists(self.out_path("started-%d" % event_id)),
+                   message="the handler to start")
+        return process, port, event_id
+
     def post_id(self, server, body):
         status, reply = self.post(server, body)
         self.assertEqual(status, 200, reply)
@@ -440,10 +450,7 @@ class BacklogTest(DispatchTestCase):
 
 class RestartTest(DispatchTestCase):
     def test_run_killed_with_the_process_is_redelivered_and_counts_as_an_attempt(self):
-        self.handler("message.py", HUNG)
-        process, port = self.start_process("--script-timeout", "120")
-        event_id = self.post_id(port, message())
-        wait_until(lambda: os.path.exists(self.out_path("started-%d" % event_id)), message="the handler to start")
+        process, port, event_id = self.running(HUNG, "--script-timeout", "120")
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         self.assertEqual(self.deliveries(event_id)["message.py"][:2], ("running", 1))
@@ -470,10 +477,7 @@ class RestartTest(DispatchTestCase):
         self.assertEqual(self.terminate(process), 0)
 
     def test_killed_run_uses_up_the_retries(self):
-        self.handler("message.py", HUNG)
-        process, port = self.start_process("--script-timeout", "120", "--retries", "1")
-        event_id = self.post_id(port, message())
-        wait_until(lambda: os.path.exists(self.out_path("started-%d" % event_id)), message="the handler to start")
+        process, port, event_id = self.running(HUNG, "--script-timeout", "120", "--retries", "1")
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         self.handler("message.py", RECORD)
@@ -516,10 +520,7 @@ class ShutdownTest(DispatchTestCase):
         return status == 503
 
     def check_running_handler_finishes_after(self, sig):
-        self.handler("message.py", WAIT_FOR_RELEASE)
-        process, port = self.start_process("--shutdown-timeout", "10", "--script-timeout", "120")
-        event_id = self.post_id(port, message())
-        wait_until(lambda: os.path.exists(self.out_path("started-%d" % event_id)), message="the handler to start")
+        process, port, event_id = self.running(WAIT_FOR_RELEASE, "--shutdown-timeout", "10", "--script-timeout", "120")
         process.send_signal(sig)
         accepted = []
         wait_until(lambda: self.refused(port, accepted), message="POSTs to be refused after the signal")
@@ -715,10 +716,7 @@ class RetryDecisionTest(DispatchTestCase):
 
 class SecondSignalTest(DispatchTestCase):
     def test_a_second_signal_ends_the_wait_for_running_handlers_and_says_how_many(self):
-        self.handler("message.py", HUNG)
-        process, port = self.start_process("--shutdown-timeout", "60", "--script-timeout", "120")
-        event_id = self.post_id(port, message())
-        wait_until(lambda: os.path.exists(self.out_path("started-%d" % event_id)), message="the handler to start")
+        process, port, event_id = self.running(HUNG, "--shutdown-timeout", "60", "--script-timeout", "120")
         process.send_signal(signal.SIGTERM)
         wait_until(lambda: "shutting down" in self.process_log(process), message="the first signal's log line")
         self.assertIsNone(process.poll(), "the process waits for its running handler")
