@@ -582,6 +582,11 @@ def _payload_fields(cls) -> Tuple[Tuple[str, type], ...]:
     return tuple((f.name, f.type) for f in dataclasses.fields(cls) if f.name not in BASE_FIELDS)
 
 
+# json.dumps(value, separators=(",", ":")), without building an encoder each call: the
+# identity and the lane of every event received are made with it.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _text(value) -> str:
     """A scalar as text for an identity or a lane; anything else (an object, a list) counts as
     absent."""
@@ -616,7 +621,7 @@ def identity_key(raw: dict, bridge: Optional[str]) -> Optional[str]:
         return None
     if not required:
         return None
-    return json.dumps([bridge or "", event_type] + parts, separators=(",", ":"))
+    return _compact_json([bridge or "", event_type] + parts)
 
 
 def lane_of(raw: dict, bridge: Optional[str]) -> str:
@@ -631,7 +636,7 @@ def lane_of(raw: dict, bridge: Optional[str]) -> str:
     if not isinstance(chat, (str, int, float)):
         # an object or list is no chat id (and could nest deeper than json.dumps recurses)
         chat = ""
-    return json.dumps([bridge or "", chat], separators=(",", ":"))  # ASCII whatever the input
+    return _compact_json([bridge or "", chat])  # ASCII whatever the input
 
 
 # ---------------------------------------------------------------------------
@@ -803,8 +808,10 @@ class _Write:
         self.apply, self.event = apply, event
         self.done, self.result, self.error = False, None, None
         self.on_done = on_done  # called in the writer's thread; else a thread waits on `wakeup`
-        self.wakeup = threading.Lock()
-        self.wakeup.acquire()
+        self.wakeup = None
+        if on_done is None:
+            self.wakeup = threading.Lock()
+            self.wakeup.acquire()
 
     def finish(self) -> None:
         """Report the outcome: call on_done, or wake the thread waiting for it."""
@@ -3377,6 +3384,10 @@ def _refuse_constant(name: str):
     raise ValueError("%s is not JSON" % name)
 
 
+# json.loads(text, parse_constant=_refuse_constant), without building a decoder each call.
+_BODY_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def parse_body(body: bytes) -> Tuple[str, dict]:
     """(the body as text to store, the JSON object) or BadRequest. Content-Type is ignored.
 
@@ -3402,7 +3413,7 @@ def parse_body(body: bytes) -> Tuple[str, dict]:
         raise BadRequest("too_complex", "the body nests arrays and objects more than %d deep"
                          % MAX_JSON_DEPTH)
     try:
-        payload = json.loads(text, parse_constant=_refuse_constant)
+        payload = _BODY_DECODER.decode(text)
     except (ValueError, RecursionError):
         raise BadRequest("bad_json", "the body is not valid JSON") from None
     if not isinstance(payload, dict):
@@ -3443,6 +3454,7 @@ MAX_HEAD = 64 * 1024          # request line and header fields in all; more: 431
 MAX_HEADER_FIELDS = 100       # more: 431
 FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 FIELD_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than tab
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e\x80-\xff]+) "
                           rb"HTTP/([0-9])\.([0-9])")
 
@@ -3501,8 +3513,8 @@ def _body_framing(headers: Headers) -> Tuple[int, bool]:
         return 0, True
     if not lengths:
         return 0, False
-    if len(set(value.strip() for value in lengths)) != 1 or not re.fullmatch(r"[0-9]{1,18}",
-                                                                             lengths[0].strip()):
+    if ((len(lengths) > 1 and len(set(value.strip() for value in lengths)) != 1)
+            or not CONTENT_LENGTH.fullmatch(lengths[0].strip())):
         raise BadRequest("bad_length", "Content-Length is not one whole number", close=True)
     return int(lengths[0]), False
 
