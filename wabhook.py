@@ -647,7 +647,9 @@ def lane_of(raw: dict, bridge: Optional[str]) -> str:
 # (the events with a delivery whose handler file was gone when it ran).
 EVENT_STATUSES = ("pending", "done", "dead", "discarded", "skipped")
 
-SCHEMA_VERSION = 2  # 2: deliveries keep their last run's start, exit status and output
+# 2: deliveries keep their last run's start, exit status and output
+# 3: deliveries are indexed only while they wait or run (DDL_INDEXES)
+SCHEMA_VERSION = 3
 
 DDL_EVENTS = """
 CREATE TABLE IF NOT EXISTS events (
@@ -686,15 +688,29 @@ CREATE TABLE IF NOT EXISTS dedup (
     event_id   INTEGER NOT NULL,
     expires_at REAL NOT NULL
 )"""
+# A delivery is in the indexes while it waits or runs, not once it has ended: the end of a
+# run takes its row out of them instead of moving it to the `done` part of each, and they
+# stay the size of the backlog. SQLite uses a partial index for a query that names the same
+# status as a literal, as every query here does.
 DDL_INDEXES = (
     "CREATE INDEX IF NOT EXISTS events_by_status ON events(status, id)",
     "CREATE INDEX IF NOT EXISTS events_undispatched ON events(id) WHERE dispatched = 0",
-    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_attempt_at)"
+    " WHERE status = 'pending'",
     # For the three ways to find the lanes' heads (see HEAD_SCAN_ROWS).
-    "CREATE INDEX IF NOT EXISTS deliveries_lane_heads ON deliveries(status, lane, event_id)",
-    "CREATE INDEX IF NOT EXISTS deliveries_in_order ON deliveries(status, event_id)",
+    "CREATE INDEX IF NOT EXISTS deliveries_lane_heads ON deliveries(status, lane, event_id)"
+    " WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS deliveries_in_order ON deliveries(status, event_id)"
+    " WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS deliveries_running ON deliveries(status, lane)"
+    " WHERE status = 'running'",
+    "CREATE INDEX IF NOT EXISTS deliveries_skipped ON deliveries(event_id)"
+    " WHERE status = 'skipped'",
     "CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup(expires_at)",
 )
+SKIPPED_EVENTS = "id IN (SELECT event_id FROM deliveries WHERE status = 'skipped')"
+# Indexes of an older schema that DDL_INDEXES defines anew: (dropped before schema, name).
+REPLACED_INDEXES = ((3, "deliveries_due"), (3, "deliveries_lane_heads"), (3, "deliveries_in_order"))
 
 # Claiming asks for the oldest due delivery of each lane that has nothing
 # running, oldest first (a lane's head). Three ways give that same answer;
@@ -706,6 +722,9 @@ DDL_INDEXES = (
 # - WALKED_LANE_HEADS walks the distinct lanes, one index seek each: cheap
 #   when a few chats hold a deep backlog whose front lanes are running.
 HEAD_SCAN_ROWS = 256
+RUNNING_LANES = "SELECT DISTINCT lane FROM deliveries WHERE status = 'running'"
+OLDEST_PENDING = ("SELECT lane, event_id, next_attempt_at, handler FROM deliveries"
+                  " WHERE status = 'pending' ORDER BY event_id LIMIT ?")
 # A delivery of an order-holding handler (see holds_chat) is not due while an earlier event of its
 # chat waits for that same handler. Appended to the claim's "due" condition on `deliveries`.
 NOT_HELD = """ AND NOT (handler GLOB '*%s' AND EXISTS (
@@ -893,6 +912,9 @@ class Inbox:
             if version > SCHEMA_VERSION:
                 raise InboxUnavailable("%s was written by a newer wabhook (schema %d)" % (self.path,
                                                                                           version))
+            for schema, name in REPLACED_INDEXES:
+                if version < schema:
+                    db.execute("DROP INDEX IF EXISTS " + name)
             for ddl in (DDL_EVENTS, DDL_DELIVERIES, DDL_DEDUP) + DDL_INDEXES:
                 db.execute(ddl)
             for table, column, sql_type in ADDED_COLUMNS:
@@ -1157,11 +1179,8 @@ class Inbox:
     @staticmethod
     def _claimable_heads(db, now: float, limit: int) -> List[int]:
         """The event ids to claim: the heads of up to `limit` idle lanes, oldest first."""
-        running = {lane for (lane,) in db.execute("SELECT DISTINCT lane FROM deliveries WHERE "
-                                                  "status = 'running'")}
-        front = db.execute("SELECT lane, event_id, next_attempt_at, handler FROM deliveries WHERE "
-                           "status = 'pending'"
-                           " ORDER BY event_id LIMIT ?", (HEAD_SCAN_ROWS,))
+        running = {lane for (lane,) in db.execute(RUNNING_LANES)}
+        front = db.execute(OLDEST_PENDING, (HEAD_SCAN_ROWS,))
         heads: Dict[str, int] = {}
         # (lane, handler) of order-holding handlers whose earlier delivery waits for a retry
         held = set()
@@ -1422,7 +1441,7 @@ class Inbox:
         where: List[str] = []
         params: List[object] = []
         if status == "skipped":  # a delivery status: the events with one
-            where.append("id IN (SELECT event_id FROM deliveries WHERE status = 'skipped')")
+            where.append(SKIPPED_EVENTS)
         elif status:
             where.append("status = ?")
             params.append(status)

@@ -205,6 +205,50 @@ class InboxFileTest(WabhookTestCase):
         self.assertEqual(self.query("SELECT status, last_error FROM deliveries WHERE event_id = ?",
                                     (ids["dead"],)), [("dead", "boom")])
 
+    def test_an_older_inbox_gets_the_new_delivery_indexes_and_keeps_every_row(self):
+        # A file as schema 2 wrote it: deliveries indexed whatever their status.
+        connection = sqlite3.connect(self.db)
+        for ddl in (wabhook.DDL_EVENTS, wabhook.DDL_DELIVERIES, wabhook.DDL_DEDUP):
+            connection.execute(ddl)
+        for name, columns in (("deliveries_due", "status, next_attempt_at"),
+                              ("deliveries_lane_heads", "status, lane, event_id"),
+                              ("deliveries_in_order", "status, event_id")):
+            connection.execute("CREATE INDEX %s ON deliveries(%s)" % (name, columns))
+        connection.execute("INSERT INTO events (id, received_at, event, lane, body, dispatched)"
+                           " VALUES (1, 0, 'message', 'l1', '{}', 1), (2, 0, 'message', 'l2', '{}', 1)")
+        connection.execute("INSERT INTO deliveries (event_id, handler, lane, status)"
+                           " VALUES (1, 'h.py', 'l1', 'done'), (2, 'h.py', 'l2', 'pending')")
+        connection.execute("PRAGMA user_version = 2")
+        connection.commit()
+        connection.close()
+        inbox = self.open_inbox()
+        self.assertEqual(self.query("PRAGMA user_version"), [(wabhook.SCHEMA_VERSION,)])
+        indexes = dict(self.query("SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+                                  " AND tbl_name = 'deliveries' AND sql IS NOT NULL"))
+        self.assertEqual(set(indexes), {"deliveries_due", "deliveries_lane_heads", "deliveries_in_order",
+                                        "deliveries_running", "deliveries_skipped"})
+        for name in ("deliveries_due", "deliveries_lane_heads", "deliveries_in_order"):
+            self.assertIn("WHERE status = 'pending'", indexes[name])
+        self.assertEqual(self.query("SELECT event_id, status FROM deliveries ORDER BY event_id"),
+                         [(1, "done"), (2, "pending")])
+        claimed = inbox.claim_due("owner", 10, lambda event_type: ["h.py"])
+        self.assertEqual([claim.event_id for claim in claimed], [2])
+
+    def test_the_queries_that_claim_search_an_index_of_deliveries_never_the_table(self):
+        self.open_inbox()
+        queries = {"oldest pending": (wabhook.OLDEST_PENDING, (5,)),
+                   "running lanes": (wabhook.RUNNING_LANES, ()),
+                   "due lane heads": (wabhook.DUE_LANE_HEADS, {"now": 0, "limit": 5}),
+                   "walked lane heads": (wabhook.WALKED_LANE_HEADS, {"now": 0, "limit": 5}),
+                   "skipped events": ("SELECT id FROM events WHERE " + wabhook.SKIPPED_EVENTS, ())}
+        for name, (sql, params) in queries.items():
+            with self.subTest(name):
+                steps = [row[3] for row in self.query("EXPLAIN QUERY PLAN " + sql, params)]
+                table_scans = [step for step in steps
+                               if step.startswith(("SCAN deliveries", "SCAN earlier")) and "INDEX" not in step]
+                self.assertEqual(table_scans, [], steps)
+                self.assertTrue(any("deliveries_" in step for step in steps), steps)
+
     def test_an_inbox_written_by_a_newer_schema_is_refused_untouched(self):
         connection = sqlite3.connect(self.db)
         connection.execute("CREATE TABLE future (x)")
