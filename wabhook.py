@@ -46,7 +46,6 @@ import functools
 import hashlib
 import hmac
 import http
-import http.client
 import importlib.util
 import inspect
 import ipaddress
@@ -61,7 +60,6 @@ import signal
 import selectors
 import socket
 import sqlite3
-import ssl
 import subprocess
 import sys
 import threading
@@ -69,9 +67,7 @@ import time
 import traceback
 import types
 import typing
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -2165,9 +2161,10 @@ class ForwardPool:
     """
 
     def __init__(self):
-        self._idle: Dict[Tuple[str, str, int], List[Tuple[http.client.HTTPConnection, float]]] = {}
+        # (scheme, host, port) -> [(an http.client.HTTPConnection, idle since)]
+        self._idle: Dict[Tuple[str, str, int], List[tuple]] = {}
         self._lock = threading.Lock()
-        self._tls: Optional[ssl.SSLContext] = None
+        self._tls = None  # the ssl.SSLContext for https targets, made on first use
         self._swept_at = time.monotonic()
         self._closed = False
 
@@ -2186,6 +2183,7 @@ class ForwardPool:
         answering); both carry the same webhook-id, so it can drop the second,
         as it drops any repeat that at-least-once allows.
         """
+        import http.client  # here, not at the top: see _NoTLS
         deadline = time.monotonic() + timeout
         connection = self._take(target.address)
         reused = connection is not None
@@ -2237,7 +2235,7 @@ class ForwardPool:
             for connection, _since in connections:
                 connection.close()
 
-    def _take(self, address) -> Optional[http.client.HTTPConnection]:
+    def _take(self, address) -> "Optional[http.client.HTTPConnection]":
         """The most recently used idle connection to `address` that still looks open, or None."""
         stale = []
         found = None
@@ -2259,7 +2257,7 @@ class ForwardPool:
             connection.close()
         return found
 
-    def _give(self, address, connection: http.client.HTTPConnection) -> None:
+    def _give(self, address, connection: "http.client.HTTPConnection") -> None:
         """Keep a connection whose reply was read to the end for the next request (or close it)."""
         now = time.monotonic()
         expired = []
@@ -2284,7 +2282,8 @@ class ForwardPool:
         for old in expired:
             old.close()
 
-    def _connect(self, target: ForwardTarget, deadline: float) -> http.client.HTTPConnection:
+    def _connect(self, target: ForwardTarget, deadline: float) -> "http.client.HTTPConnection":
+        import http.client
         remaining = _remaining(deadline)
         if target.scheme == "https":
             connection = http.client.HTTPSConnection(target.host, target.port, timeout=remaining,
@@ -2301,14 +2300,15 @@ class ForwardPool:
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return connection
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def _tls_context(self):
+        """The one ssl.SSLContext for https targets."""
         with self._lock:  # one context: loading the system's CA certificates takes milliseconds
             if self._tls is None:
-                self._tls = ssl.create_default_context()
+                self._tls = use_tls().create_default_context()
             return self._tls
 
     @staticmethod
-    def _send(connection: http.client.HTTPConnection, target: ForwardTarget, body: bytes,
+    def _send(connection: "http.client.HTTPConnection", target: ForwardTarget, body: bytes,
               headers: List[Tuple[str, str]], deadline: float):
         """Send the request and read the reply's head: (response, its socket)."""
         sock = connection.sock
@@ -2323,8 +2323,8 @@ class ForwardPool:
         return connection.getresponse(), sock
 
     @staticmethod
-    def _read_reply(response: http.client.HTTPResponse, sock, deadline: float) -> Tuple[bytes,
-                                                                                        bool]:
+    def _read_reply(response: "http.client.HTTPResponse", sock, deadline: float
+                    ) -> Tuple[bytes, bool]:
         """(the reply's first FORWARD_REPLY_CAP bytes, whether it was read to its end), within the
         deadline."""
         parts, size = [], 0
@@ -2365,7 +2365,7 @@ def _peer_closed(sock) -> bool:
     """
     if sock is None:
         return True
-    if isinstance(sock, ssl.SSLSocket):
+    if isinstance(sock, SSLSocket):
         return False
     timeout = sock.gettimeout()
     sock.settimeout(0.0)  # a socket with a timeout would wait for data to peek at
@@ -2382,6 +2382,8 @@ def _peer_closed(sock) -> bool:
 
 def _connection_problem(target: ForwardTarget, exc: Exception) -> str:
     """One sentence for a delivery that got no reply."""
+    import http.client
+    ssl = use_tls()  # imported already by http.client
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "the TLS certificate of %s is not trusted: %s" % (target.where, exc.verify_message
                                                                  or exc)
@@ -3574,6 +3576,24 @@ def parse_head(head: bytes) -> Request:
     return Request(method.decode("ascii"), target.decode("latin-1"), headers, keep_alive)
 
 
+class _NoTLS(Exception):
+    """Stands for ssl's SSLSocket and errors while this process has no TLS connection: nothing is
+    one, nothing raises it. The ssl module (and http.client, which imports it) costs about 5 MB
+    of memory, which a server of plain HTTP that forwards nowhere over https need not hold."""
+
+
+SSLSocket = SSLError = SSLWantReadError = SSLWantWriteError = _NoTLS
+
+
+def use_tls():
+    """Import ssl and put its SSLSocket and errors in place of _NoTLS; returns the module."""
+    global SSLSocket, SSLError, SSLWantReadError, SSLWantWriteError
+    import ssl
+    SSLSocket, SSLError = ssl.SSLSocket, ssl.SSLError
+    SSLWantReadError, SSLWantWriteError = ssl.SSLWantReadError, ssl.SSLWantWriteError
+    return ssl
+
+
 class _ChunkedBody:
     """Decodes a chunked body as its bytes arrive: feed() takes what it can from the buffer."""
 
@@ -3836,7 +3856,7 @@ class HTTPFront:
                 sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except ssl.SSLError:
+            except SSLError:
                 continue
             except OSError as exc:
                 self._cannot_accept(exc)
@@ -3850,7 +3870,7 @@ class HTTPFront:
                 # no 40 ms delayed-ACK stall
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection = _Connection(sock, address[0], time.monotonic() + self.config.timeout,
-                                     isinstance(sock, ssl.SSLSocket))
+                                     isinstance(sock, SSLSocket))
             self.connections[sock.fileno()] = connection
             self.selector.register(sock, selectors.EVENT_READ, connection)
 
@@ -3944,9 +3964,9 @@ class HTTPFront:
                 self._advance(connection)
             elif mask & selectors.EVENT_READ:
                 self._receive(connection)
-        except ssl.SSLWantReadError:
+        except SSLWantReadError:
             pass
-        except ssl.SSLWantWriteError:
+        except SSLWantWriteError:
             connection.writing = True
             self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                  connection)
@@ -3961,7 +3981,7 @@ class HTTPFront:
         while True:
             try:
                 data = sock.recv(READ_CHUNK)
-            except (BlockingIOError, ssl.SSLWantReadError):
+            except (BlockingIOError, SSLWantReadError):
                 break
             if not data:
                 connection.eof = True
@@ -3969,7 +3989,7 @@ class HTTPFront:
             connection.buffer += data
             if connection.body is not None:
                 self._hold(connection, len(data))
-            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            if not (isinstance(sock, SSLSocket) and sock.pending()):
                 break  # epoll tells of the rest; TLS bytes already decrypted it cannot see
         self._advance(connection)
 
@@ -4230,7 +4250,7 @@ class HTTPFront:
     def _flush(self, connection: _Connection) -> None:
         try:
             sent = connection.sock.send(connection.out) if connection.out else 0
-        except (BlockingIOError, ssl.SSLWantWriteError):
+        except (BlockingIOError, SSLWantWriteError):
             sent = 0
         except OSError:
             self._close(connection)
@@ -5407,6 +5427,7 @@ class Server:
                 " (another program uses it: pick another --port)" if exc.errno == errno.EADDRINUSE
                 else "")) from None
         if config.tls_cert:
+            ssl = use_tls()
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             try:
@@ -5782,6 +5803,8 @@ def cmd_send(config: Config, args, log: logging.Logger) -> int:
         headers["Authorization"] = "Bearer " + config.token
     if config.secret:
         headers.update(sign_body(signing_key(config.secret), body))
+    import urllib.error
+    import urllib.request
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:

@@ -890,6 +890,29 @@ class TlsTest(HttpTestCase):
         self.assertEqual(status, 200, reply)
 
 
+    def test_a_plain_http_server_imports_neither_ssl_nor_http_client(self):
+        # They cost memory for the life of the process (about 2 MB); TLS and https forwarding
+        # import them when first used. The server below also answers a POST without them.
+        code = """if True:
+            import json, logging, socket, sys
+            sys.path.insert(0, %r)
+            import wabhook
+            config = wabhook.build_config({"host": "127.0.0.1", "port": 0, "db": %r, "handlers": %r}, {})
+            server = wabhook.Server(config, logging.getLogger("test")).start()
+            body = b'{"event": "connected"}'
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(b"POST /hook HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: %%d\\r\\n\\r\\n%%s"
+                             %% (len(body), body))
+                reply = sock.recv(4096)
+            server.stop()
+            print(json.dumps([reply.split(b" ")[1].decode(),
+                              sorted(name for name in ("ssl", "http.client") if name in sys.modules)]))
+        """ % (os.path.dirname(SCRIPT), self.db, self.handlers)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout), ["200", []], result.stderr)
+
+
 def closed_by_server(sockets, wait=0.5):
     """The sockets the server closed: readable within `wait` (one for all), and at their end."""
     deadline, readable = time.monotonic() + wait, set()
