@@ -43,8 +43,6 @@ import dataclasses
 import difflib
 import errno
 import functools
-import hashlib
-import hmac
 import http
 import importlib.util
 import inspect
@@ -55,7 +53,6 @@ import os
 import queue
 import random
 import re
-import secrets
 import signal
 import selectors
 import socket
@@ -1559,6 +1556,7 @@ class Intake:
                                                   "once it is back")
         key, ttl = identity_key(payload, bridge), self.config.retention
         if key is None and self.config.dedup_window > 0:
+            import hashlib  # here, not at the top: see _NoTLS
             digest = hashlib.sha256(("%s\n%s" % (bridge or "", body)).encode("utf-8",
                                                                              "surrogatepass"))
             key, ttl = "body:" + digest.hexdigest(), self.config.dedup_window
@@ -2140,6 +2138,7 @@ def webhook_id(event: Event, body: str) -> str:
     again at 1, from reusing an old id. Retries, restarts and `replay` read the
     same row, so a receiver that remembers ids drops what at-least-once repeats.
     """
+    import hashlib
     key = identity_key(event.raw, event.bridge)
     if key is None:
         key = json.dumps([event.bridge or "", event.id, repr(event.received_at), body],
@@ -2874,7 +2873,7 @@ class Dispatcher:
         self.config, self.inbox, self.registry, self.metrics, self.log = (
             config, inbox, registry, metrics, log)
         self.context = RunContext(config.script_timeout, script_environment or {}, log)
-        self.owner = "%s:%d:%s" % (socket.gethostname(), os.getpid(), secrets.token_hex(4))
+        self.owner = "%s:%d:%s" % (socket.gethostname(), os.getpid(), os.urandom(4).hex())
         self._tasks: "queue.Queue[Optional[Claim]]" = queue.Queue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -3345,6 +3344,7 @@ def presented_tokens(query: str, headers) -> List[str]:
 
 def token_matches(expected: str, tokens: List[str]) -> bool:
     """Constant-time comparison of each presented token with the expected one."""
+    import hmac  # here, not at the top: see _NoTLS
     wanted = expected.encode("utf-8")
     matched = False
     for token in tokens:
@@ -3364,13 +3364,15 @@ def signing_key(secret: str) -> bytes:
 def webhook_signature(key: bytes, message_id: str, timestamp: str, body: bytes) -> str:
     """The Standard Webhooks `webhook-signature` value (v1, HMAC-SHA256 of "id.timestamp.body"):
     the one signing code, for `send --secret`, forwarding and verifying."""
+    import hashlib
+    import hmac
     signed = ("%s.%s." % (message_id, timestamp)).encode("utf-8", "surrogateescape") + body
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
 
 
 def sign_body(key: bytes, body: bytes, now: Optional[float] = None) -> Dict[str, str]:
     """Standard Webhooks headers for a body: what `send --secret` (and a sender that signs) adds."""
-    message_id = "msg_" + secrets.token_hex(12)
+    message_id = "msg_" + os.urandom(12).hex()
     timestamp = str(int(time.time() if now is None else now))
     return {"webhook-id": message_id, "webhook-timestamp": timestamp,
             "webhook-signature": webhook_signature(key, message_id, timestamp, body)}
@@ -3392,6 +3394,7 @@ def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = No
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
         raise Unauthorized("stale_signature", "webhook-timestamp is more than 5 minutes off")
     expected = webhook_signature(key, message_id, timestamp, body)[3:].encode("ascii")
+    import hmac
     matched = False
     for part in signatures.split():
         version, _, signature = part.partition(",")
@@ -3578,8 +3581,13 @@ def parse_head(head: bytes) -> Request:
 
 class _NoTLS(Exception):
     """Stands for ssl's SSLSocket and errors while this process has no TLS connection: nothing is
-    one, nothing raises it. The ssl module (and http.client, which imports it) costs about 5 MB
-    of memory, which a server of plain HTTP that forwards nowhere over https need not hold."""
+    one, nothing raises it.
+
+    OpenSSL costs about 6 MB of memory for the life of the process, which a server
+    of plain HTTP need not hold: ssl, http.client, hashlib and hmac are imported
+    where they are first needed (TLS, forwarding, --token, --secret,
+    --dedup-window), not at the top.
+    """
 
 
 SSLSocket = SSLError = SSLWantReadError = SSLWantWriteError = _NoTLS
