@@ -3342,13 +3342,20 @@ def presented_tokens(query: str, headers) -> List[str]:
     return tokens
 
 
+try:
+    # What hmac.compare_digest is when Python has no OpenSSL: the same constant-time
+    # comparison, without importing hmac (and OpenSSL with it, see _NoTLS) to check a token.
+    from _operator import _compare_digest as compare_digest
+except ImportError:  # another Python than CPython
+    from hmac import compare_digest
+
+
 def token_matches(expected: str, tokens: List[str]) -> bool:
     """Constant-time comparison of each presented token with the expected one."""
-    import hmac  # here, not at the top: see _NoTLS
     wanted = expected.encode("utf-8")
     matched = False
     for token in tokens:
-        matched |= hmac.compare_digest(token.encode("utf-8", "surrogateescape"), wanted)
+        matched |= compare_digest(token.encode("utf-8", "surrogateescape"), wanted)
     return matched
 
 
@@ -3394,12 +3401,11 @@ def verify_signature(key: bytes, headers, body: bytes, now: Optional[float] = No
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
         raise Unauthorized("stale_signature", "webhook-timestamp is more than 5 minutes off")
     expected = webhook_signature(key, message_id, timestamp, body)[3:].encode("ascii")
-    import hmac
     matched = False
     for part in signatures.split():
         version, _, signature = part.partition(",")
         if version == "v1":
-            matched |= hmac.compare_digest(signature.encode("utf-8", "surrogateescape"), expected)
+            matched |= compare_digest(signature.encode("utf-8", "surrogateescape"), expected)
     if not matched:
         raise Unauthorized("bad_signature", "no webhook-signature matches the body")
 
@@ -3585,8 +3591,8 @@ class _NoTLS(Exception):
 
     OpenSSL costs about 6 MB of memory for the life of the process, which a server
     of plain HTTP need not hold: ssl, http.client, hashlib and hmac are imported
-    where they are first needed (TLS, forwarding, --token, --secret,
-    --dedup-window), not at the top.
+    where they are first needed (TLS, forwarding, --secret, --dedup-window), not
+    at the top.
     """
 
 

@@ -892,17 +892,18 @@ class TlsTest(HttpTestCase):
 
     def test_a_plain_http_server_does_not_load_openssl(self):
         # ssl, http.client, hashlib and hmac (_hashlib is their OpenSSL) cost about 6 MB for the
-        # life of the process; TLS, forwarding, --token, --secret and --dedup-window import them
-        # when first used. The server below also answers a POST without them.
+        # life of the process; TLS, forwarding, --secret and --dedup-window import them when
+        # first used. The server below checks a --token and answers a POST without them.
         code = """if True:
             import json, logging, socket, sys
             sys.path.insert(0, %r)
             import wabhook
-            config = wabhook.build_config({"host": "127.0.0.1", "port": 0, "db": %r, "handlers": %r}, {})
+            config = wabhook.build_config({"host": "127.0.0.1", "port": 0, "db": %r, "handlers": %r,
+                                           "token": "t0ken"}, {})
             server = wabhook.Server(config, logging.getLogger("test")).start()
             body = b'{"event": "connected"}'
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-                sock.sendall(b"POST /hook HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: %%d\\r\\n\\r\\n%%s"
+                sock.sendall(b"POST /hook?token=t0ken HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: %%d\\r\\n\\r\\n%%s"
                              %% (len(body), body))
                 reply = sock.recv(4096)
             server.stop()
