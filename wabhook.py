@@ -2512,6 +2512,10 @@ def make_importable(folder: str) -> None:
         sys.path.insert(0, folder)
 
 
+# How many event types without a handler are named in the log, once each (see _say_unhandled).
+UNHANDLED_TYPES_NAMED = 1000
+
+
 class Registry:
     """The handlers folder: which handlers exist, loading and reloading them.
 
@@ -2527,6 +2531,7 @@ class Registry:
         self.log = log or logging.getLogger("wabhook")
         self._warned: Dict[str, tuple] = {}      # name -> signature of the file last warned about
         self._said_unhandled: set = set()        # event types logged as arriving with no handler
+        self._said_too_many = False
         self._loading: Dict[str, threading.Lock] = {}  # name -> held while that file is (re)loaded
         self._folder_checked_at, self._folder_missing = float("-inf"), False
         self._lock = threading.RLock()
@@ -2623,8 +2628,8 @@ class Registry:
                 found[""] = []  # listed
             if event_type not in found:
                 found[event_type] = self.handlers_for(event_type)
-                if not found[event_type] and event_type not in self._said_unhandled:
-                    self._said_unhandled.add(event_type)
+                if (not found[event_type] and event_type not in self._said_unhandled
+                        and self._say_unhandled(event_type)):
                     self.log.info("a %s event arrived and no handler takes it: add "
                                   "handlers/%s.py (or an"
                                   " all.py) to handle such events (said once per type)",
@@ -2632,6 +2637,18 @@ class Registry:
                                   else "<type>")
             return found[event_type]
         return lookup
+
+    def _say_unhandled(self, event_type: str) -> bool:
+        """Whether to name this type in the log: the types named are remembered, up to
+        UNHANDLED_TYPES_NAMED of them (a sender that makes up types must not grow memory)."""
+        if len(self._said_unhandled) < UNHANDLED_TYPES_NAMED:
+            self._said_unhandled.add(event_type)
+            return True
+        if not self._said_too_many:
+            self._said_too_many = True
+            self.log.warning("more than %d event types arrived with no handler; no more of them "
+                             "are named in the log", UNHANDLED_TYPES_NAMED)
+        return False
 
     def handlers_for(self, event_type: str) -> List[str]:
         """Names of the handlers an event of this type goes to: its own, then `all*`."""

@@ -658,6 +658,17 @@ class OneDefinitionTest(HandlersTestCase):
         self.wait_status(event_id, "dead")
         self.assertIn("TimeoutError", self.deliveries(event_id)["message.py"][2])
 
+    def test_event_types_without_a_handler_are_named_up_to_a_limit_then_one_warning(self):
+        self.shorten(UNHANDLED_TYPES_NAMED=3)
+        server = self.start_server()
+        for n in range(6):
+            self.wait_status(self.post_ok(server, {"event": "made_up_%d" % n}), "done")
+        named = [m for m in self.log.messages() if "no handler takes it" in m]
+        self.assertEqual(len(named), 3, named)
+        too_many = [m for m in self.log.messages() if "more than 3 event types arrived with no handler" in m]
+        self.assertEqual(len(too_many), 1, self.log.messages())
+        self.assertEqual(len(server.registry._said_unhandled), 3)
+
     def test_a_handler_for_an_undocumented_type_runs_and_check_notes_it_and_a_near_miss_is_a_problem(self):
         self.write_handler("group_update.py", "def handle(event):\n    open(%r, 'w').write(event.event)\n"
                            % self.out_path("group"))
