@@ -701,7 +701,6 @@ DDL_INDEXES = (
     " WHERE status = 'skipped'",
     "CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup(expires_at)",
 )
-SKIPPED_EVENTS = "id IN (SELECT event_id FROM deliveries WHERE status = 'skipped')"
 # Indexes of an older schema that DDL_INDEXES defines anew: (dropped before schema, name).
 REPLACED_INDEXES = ((3, "deliveries_due"), (3, "deliveries_lane_heads"), (3, "deliveries_in_order"))
 
@@ -715,9 +714,11 @@ REPLACED_INDEXES = ((3, "deliveries_due"), (3, "deliveries_lane_heads"), (3, "de
 # - WALKED_LANE_HEADS walks the distinct lanes, one index seek each: cheap
 #   when a few chats hold a deep backlog whose front lanes are running.
 HEAD_SCAN_ROWS = 256
+# Queries on deliveries by status, each served by a partial index (tests check their plans).
 RUNNING_LANES = "SELECT DISTINCT lane FROM deliveries WHERE status = 'running'"
 OLDEST_PENDING = ("SELECT lane, event_id, next_attempt_at, handler FROM deliveries"
                   " WHERE status = 'pending' ORDER BY event_id LIMIT ?")
+SKIPPED_EVENTS = "id IN (SELECT event_id FROM deliveries WHERE status = 'skipped')"
 # A delivery of an order-holding handler (see holds_chat) is not due while an earlier event of its
 # chat waits for that same handler. Appended to the claim's "due" condition on `deliveries`.
 NOT_HELD = """ AND NOT (handler GLOB '*%s' AND EXISTS (
