@@ -889,7 +889,6 @@ class TlsTest(HttpTestCase):
         status, reply = self.https_post(server, ssl.create_default_context(cafile=TLS_CERT))
         self.assertEqual(status, 200, reply)
 
-
     def test_a_plain_http_server_does_not_load_openssl(self):
         # ssl, http.client, hashlib and hmac (_hashlib is their OpenSSL) cost about 6 MB for the
         # life of the process; TLS, forwarding, --secret and --dedup-window import them when
