@@ -3532,10 +3532,12 @@ class Headers:
 class Request:
     """One parsed request head, and how its body is framed."""
 
-    __slots__ = ("method", "path", "query", "headers", "keep_alive", "length", "chunked")
+    __slots__ = ("method", "path", "query", "headers", "keep_alive", "length", "chunked",
+                 "bridge")
 
     def __init__(self, method: str, target: str, headers: Headers, keep_alive: bool):
         self.method, self.headers, self.keep_alive = method, headers, keep_alive
+        self.bridge: Optional[str] = None  # the path's bridge label, once routed to the hook
         if not target.startswith("/"):  # absolute form: POST http://host/hook?token=... HTTP/1.1
             parts = urllib.parse.urlsplit(target)
             target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
@@ -4090,6 +4092,7 @@ class HTTPFront:
         label = path[len(prefix) + 1:] if path != config.path else ""
         if label and not BRIDGE_LABEL.fullmatch(label):
             raise NotFound("bad_bridge", "a bridge label is 1 to 128 of A-Z a-z 0-9 . _ : -")
+        request.bridge = label or None
         self._require_method(request, "POST")
         self._require_token(request)
         if not request.has_body and not request.headers.get_all("Content-Length"):
@@ -4165,8 +4168,6 @@ class HTTPFront:
         if self.app.signing_key is not None:
             verify_signature(self.app.signing_key, request.headers, body)
         text, payload = parse_body(body)
-        label = request.path[len(self.config.path.rstrip("/"))
-                             + 1:] if request.path != self.config.path else ""
         connection.busy = True
         connection.deadline = float("inf")
         event_type = payload["event"]
@@ -4175,9 +4176,10 @@ class HTTPFront:
         # so the writer goes on to its next batch at once (sending the 200 from the writer
         # was measured: it slows every batch more than it saves a reply).
         try:
-            self.app.intake.receive(text, payload, label or None, lambda result,
-                                    error: self.complete(
-                connection, self._acked, event_type, result, error))
+            self.app.intake.receive(
+                text, payload, request.bridge,
+                lambda result, error: self.complete(connection, self._acked, event_type, result,
+                                                    error))
         except NotReceived as exc:
             raise ServiceUnavailable(exc.code, str(exc), close=exc.close) from None
         self._received = True
