@@ -3,9 +3,17 @@
 
     python bench/bench.py [--duration 5] [--runs 1] [--scenario NAME ...] [--wabhook PATH]
 
-Baselines (always run, so each figure has a ratio, unless --no-baselines):
-- ceiling:   bench/ceiling.py, ThreadingHTTPServer that parses the JSON and stores nothing
+Baselines (run first, so each figure has its ratios; --baselines picks, --no-baselines skips):
+- ceiling:   bench/ceiling.py, ThreadingHTTPServer that parses the JSON and stores nothing;
+             every `x ceiling` is a ratio to it
 - naive:     bench/naive.py, the same plus one fsync'd SQLite commit per request
+References, to read the targets by:
+- stdlib:    bench/stdlib.py, the ceiling with its 200 written as http.server's documentation
+             does (the speed issue's table measured its ceiling at about this figure)
+- prototype: bench/groupcommit.py, the speed issue's prototype (thread per connection,
+             leader/follower group commit) storing exactly what wabhook stores, and nothing
+             else done: the most a Python receiver with this storage gets here
+- prototype bare: the same into a lone events table, no dedup key, no index
 wabhook scenarios (`python wabhook.py serve` in a fresh temp dir per point):
 - hung:      every handler hangs (acks only: the events pile up in the inbox)
 - page:      hung, while one open inbox page polls its API as the page does (each second
@@ -50,6 +58,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CHATS = 100
 CONNECTIONS = (1, 16, 64)
+# The servers wabhook is compared with: their command lines, with {db} for a temp file
+# (whose rows are then checked against the 200s).
+BASELINES = {
+    "ceiling": ["ceiling.py"],
+    "naive": ["naive.py", "--db", "{db}"],
+    "stdlib": ["stdlib.py"],
+    "prototype": ["groupcommit.py", "--db", "{db}"],
+    "prototype bare": ["groupcommit.py", "--db", "{db}", "--bare"],
+}
 SCENARIOS = ("hung", "page", "noop", "noop-exec", "backlog", "cold", "forward")
 # The first line of the documented samples (the `message` event); message_id and chat_id
 # are replaced per request.
@@ -414,9 +431,10 @@ class Server:
 
 
 def baseline_argv(target, tmp):
-    argv = [sys.executable, os.path.join(HERE, target + ".py"), "--port", "0"]
-    db = os.path.join(tmp, "naive.db") if target == "naive" else None
-    return (argv + ["--db", db] if db else argv), db
+    script, *rest = BASELINES[target]
+    db = os.path.join(tmp, "baseline.db") if "{db}" in rest else None
+    return [sys.executable, os.path.join(HERE, script), "--port", "0"] + [
+        db if arg == "{db}" else arg for arg in rest], db
 
 
 def wabhook_argv(script, tmp, handler, port=0, sink_port=None):
@@ -489,7 +507,7 @@ def measure_point(args, generator, target, c, tag):
     tmp = tempfile.mkdtemp(prefix="wabhook-bench-")
     try:
         scenario = target.split()[-1]
-        if target in ("ceiling", "naive"):
+        if target in BASELINES:
             argv, db = baseline_argv(target, tmp)
         else:
             argv, db = wabhook_argv(args.wabhook, tmp, "hung" if scenario == "page" else scenario)
@@ -732,7 +750,7 @@ def first_200(server, port, message_id, started, timeout=10):
 
 def one_run(args, generator, run):
     """{'points': {(target, c): figures}, 'backlog': figures, 'cold': figures}."""
-    targets = [] if args.no_baselines else ["ceiling", "naive"]
+    targets = [] if args.no_baselines else list(args.baselines)
     targets += ["wabhook " + s for s in args.scenario if s in ("hung", "page", "noop", "noop-exec")]
     points = {}
     for target in targets:
@@ -759,7 +777,7 @@ def one_run(args, generator, run):
 def add_ratios(points):
     """Ratios within the run: the absolute figures swing between runs, the ratios less."""
     for (target, c), figures in points.items():
-        for base in ("ceiling", "naive", "wabhook hung"):
+        for base in ("ceiling", "naive", "stdlib", "wabhook hung"):
             if (base, c) in points:
                 figures["x_" + base.split()[-1]] = figures["rps"] / points[base, c]["rps"]
 
@@ -827,8 +845,10 @@ def extra(target, col):
         parts.append("RSS peak %s MB" % col("rss", "{:.0f}"))
     if target == "wabhook page":
         parts.append("%s polls; %s the acks of hung" % (col("polls", "{:.0f}"), col("x_hung", "{:.3f}x")))
-    if target.startswith("wabhook") and col("x_naive", "{}"):
-        parts.append("%s naive" % col("x_naive", "{:.2f}x"))
+    if target.startswith(("wabhook", "prototype")):
+        for base in ("naive", "stdlib"):
+            if col("x_" + base, "{}"):
+                parts.append("%s %s" % (col("x_" + base, "{:.2f}x"), base))
     if col.total("row_fail"):
         parts.append("**FAIL: rows < 200s in %d run(s)**" % col.total("row_fail"))
     elif col("rows", "{}"):
@@ -880,7 +900,9 @@ def parse_args(argv=None):
     add("--pile-timeout", type=int, default=300, help="most seconds to pile up the backlog")
     add("--drain-timeout", type=int, default=300, help="most seconds to drain it")
     add("--forward-backlog", type=int, default=10000, help="events piled up for the forward scenario (10000)")
-    add("--no-baselines", action="store_true", help="skip the ceiling and naive servers")
+    add("--baselines", nargs="+", choices=list(BASELINES), default=list(BASELINES),
+        help="baselines and references to run first (default: all)")
+    add("--no-baselines", action="store_true", help="skip every baseline and reference")
     add("--fallback", action="store_true", help="the stdlib client even if wrk is installed")
     args = parser.parse_args(argv)
     args.scenario = args.scenario or list(SCENARIOS)
