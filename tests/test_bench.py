@@ -1,0 +1,60 @@
+"""The benchmark's reference servers (bench/): they must keep answering, and the prototype keep
+storing what wabhook stores, or the Speed section's comparisons stop being reproducible.
+
+bench/groupcommit.py imports wabhook's tables and its batch insert: a change to either shows here.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.support import ROOT, WabhookTestCase, load_samples, wait_until
+
+BENCH = os.path.join(ROOT, "bench")
+
+
+class ReferenceServersTest(WabhookTestCase):
+    def start_reference(self, script, *args):
+        """bench/<script> on an ephemeral loopback port; its port."""
+        log_path = os.path.join(self.tmp, script + ".log")
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen([sys.executable, os.path.join(BENCH, script), "--port", "0"]
+                                       + list(args), stdout=log_file, stderr=subprocess.STDOUT, cwd=self.tmp)
+        self.processes.append(process)
+
+        def listening():
+            with open(log_path, errors="replace") as handle:
+                log = handle.read()
+            if process.poll() is not None:
+                raise AssertionError("%s exited with %s:\n%s" % (script, process.returncode, log))
+            return re.search(r"listening on http://127\.0\.0\.1:(\d+)/hook", log)
+        return int(wait_until(listening, message=script + " to listen").group(1))
+
+    def test_the_documented_stdlib_server_answers_200(self):
+        port = self.start_reference("stdlib.py")
+        status, headers, body = self.request(port, "POST", "/hook", load_samples()[0],
+                                             {"Content-Type": "application/json"})
+        self.assertEqual((status, body), (200, b'{"ok":true}'))
+        self.assertIn("date", headers)  # written by send_response(), unlike ceiling.py's prebuilt reply
+
+    def test_the_prototype_stores_events_and_their_dedup_keys_as_wabhook_does(self):
+        db = os.path.join(self.tmp, "prototype.db")
+        port = self.start_reference("groupcommit.py", "--db", db)
+        message = dict(load_samples()[0], message_id="bench-1")
+        first, again = self.post(port, message), self.post(port, message)
+        self.assertEqual(first, (200, {"ok": True, "id": 1, "duplicate": False}))
+        self.assertEqual(again, (200, {"ok": True, "id": 1, "duplicate": True}))
+        self.assertEqual(self.query("SELECT id, event, status FROM events", db=db), [(1, "message", "pending")])
+        self.assertEqual(self.query("SELECT event_id FROM dedup", db=db), [(1,)])
+        indexes = {row[0] for row in self.query("SELECT name FROM sqlite_master WHERE type = 'index'", db=db)}
+        self.assertTrue({"events_by_status", "events_undispatched", "dedup_by_expiry"} <= indexes, indexes)
+
+    def test_the_bare_prototype_stores_into_one_table_without_dedup(self):
+        db = os.path.join(self.tmp, "bare.db")
+        port = self.start_reference("groupcommit.py", "--db", db, "--bare")
+        message = dict(load_samples()[0], message_id="bench-1")
+        self.assertEqual([self.post(port, message)[1]["duplicate"] for _ in range(2)], [False, False])
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events", db=db), [(2,)])
+        self.assertEqual(self.query("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')", db=db),
+                         [("events",)])
