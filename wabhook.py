@@ -322,6 +322,9 @@ def validate_config(config: Config) -> None:
                           % config.path)
     if config.retry_delay <= 0 or config.script_timeout <= 0 or config.timeout <= 0:
         raise ConfigError("--retry-delay, --script-timeout and --timeout must be above 0")
+    if config.dedup_window > config.retention:
+        raise ConfigError("--dedup-window cannot be longer than --retention: a dedup key is kept"
+                          " in its event's row, and a delivered event goes at --retention")
 
 
 # ---------------------------------------------------------------------------
@@ -642,7 +645,8 @@ EVENT_STATUSES = ("pending", "done", "dead", "discarded", "skipped")
 
 # 2: deliveries keep their last run's start, exit status and output
 # 3: deliveries are indexed only while they wait or run (DDL_INDEXES)
-SCHEMA_VERSION = 3
+# 4: an event's dedup key is a column of its row, not a row of a `dedup` table (_move_dedup_keys)
+SCHEMA_VERSION = 4
 
 DDL_EVENTS = """
 CREATE TABLE IF NOT EXISTS events (
@@ -653,7 +657,9 @@ CREATE TABLE IF NOT EXISTS events (
     lane        TEXT NOT NULL,
     body        TEXT NOT NULL,              -- the JSON exactly as received
     status      TEXT NOT NULL DEFAULT 'pending',  -- pending | done | dead | discarded
-    dispatched  INTEGER NOT NULL DEFAULT 0  -- 1 once its deliveries exist
+    dispatched  INTEGER NOT NULL DEFAULT 0, -- 1 once its deliveries exist
+    dedup_key   TEXT,                       -- its identity (identity_key) or body digest, if any
+    dedup_until REAL                        -- a later event with that key is a duplicate until then
 )"""
 DDL_DELIVERIES = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -674,13 +680,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
 )"""
 # Columns added since schema 1, added to an older file when it is opened.
 ADDED_COLUMNS = (("deliveries", "started_at", "REAL"), ("deliveries", "exit_status", "INTEGER"),
-                 ("deliveries", "output", "TEXT"))
-DDL_DEDUP = """
-CREATE TABLE IF NOT EXISTS dedup (
-    key        TEXT PRIMARY KEY,
-    event_id   INTEGER NOT NULL,
-    expires_at REAL NOT NULL
-)"""
+                 ("deliveries", "output", "TEXT"), ("events", "dedup_key", "TEXT"),
+                 ("events", "dedup_until", "REAL"))
 # A delivery is in the indexes while it waits or runs, not once it has ended: the end of a
 # run takes its row out of them instead of moving it to the `done` part of each, and they
 # stay the size of the backlog. SQLite uses a partial index for a query that names the same
@@ -688,6 +689,9 @@ CREATE TABLE IF NOT EXISTS dedup (
 DDL_INDEXES = (
     "CREATE INDEX IF NOT EXISTS events_by_status ON events(status, id)",
     "CREATE INDEX IF NOT EXISTS events_undispatched ON events(id) WHERE dispatched = 0",
+    # The dedup keys: one index entry an event that has one, written in the ack's own commit.
+    "CREATE INDEX IF NOT EXISTS events_by_dedup_key ON events(dedup_key)"
+    " WHERE dedup_key IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_attempt_at)"
     " WHERE status = 'pending'",
     # For the three ways to find the lanes' heads (see HEAD_SCAN_ROWS).
@@ -699,7 +703,6 @@ DDL_INDEXES = (
     " WHERE status = 'running'",
     "CREATE INDEX IF NOT EXISTS deliveries_skipped ON deliveries(event_id)"
     " WHERE status = 'skipped'",
-    "CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup(expires_at)",
 )
 # Indexes of an older schema that DDL_INDEXES defines anew: (dropped before schema, name).
 REPLACED_INDEXES = ((3, "deliveries_due"), (3, "deliveries_lane_heads"), (3, "deliveries_in_order"))
@@ -913,13 +916,29 @@ class Inbox:
             for schema, name in REPLACED_INDEXES:
                 if version < schema:
                     db.execute("DROP INDEX IF EXISTS " + name)
-            for ddl in (DDL_EVENTS, DDL_DELIVERIES, DDL_DEDUP) + DDL_INDEXES:
+            for ddl in (DDL_EVENTS, DDL_DELIVERIES):
                 db.execute(ddl)
             for table, column, sql_type in ADDED_COLUMNS:
                 if column not in {row[1] for row in db.execute("PRAGMA table_info(%s)" % table)}:
                     db.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, sql_type))
+            self._move_dedup_keys(db)
+            for ddl in DDL_INDEXES:
+                db.execute(ddl)
             db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
         self._write(migrate)
+
+    @staticmethod
+    def _move_dedup_keys(db) -> None:
+        """Schema 3 and older kept dedup keys in a table of their own (a row, its key's index and an
+        expiry index: three B-trees written at every ack); they move into their events' rows."""
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dedup'"
+                          ).fetchone():
+            return
+        db.execute("UPDATE events SET (dedup_key, dedup_until) = (SELECT key, expires_at FROM dedup"
+                   " WHERE dedup.event_id = events.id AND expires_at > ?)"
+                   " WHERE id IN (SELECT event_id FROM dedup WHERE expires_at > ?)",
+                   (time.time(), time.time()))
+        db.execute("DROP TABLE dedup")  # and its indexes
 
     # -- the one write path --------------------------------------------------
 
@@ -1100,32 +1119,43 @@ class Inbox:
 
         Each statement is a round trip through the GIL, which the threads
         parsing the next requests hold meanwhile: the batch is stored with one
-        dedup lookup and one multi-row INSERT per table, not three statements
-        an event. Ids are assigned here, in order (the write lock is ours).
+        dedup lookup and one multi-row INSERT, not statements an event. A key
+        is a column of its event's row: storing an event writes two B-trees
+        (the row, and its key's index entry) besides the two status indexes.
         """
         keys = [key for _body, _type, _bridge, _lane, key, _ttl in events if key is not None]
-        known: Dict[str, int] = {}
+        known: Dict[str, int] = {}  # key -> the inbox id of its stored event
         for part in _chunks(keys, SQL_ROWS):
-            known.update(db.execute("SELECT key, event_id FROM dedup WHERE key IN (%s) AND "
-                                    "expires_at > ?"
-                                    % ",".join("?" * len(part)), part + [now]))
-        next_id = (db.execute("SELECT MAX(id) FROM events").fetchone()[0] or 0) + 1
-        results, event_rows, dedup_rows = [], [], []
+            known.update(db.execute("SELECT dedup_key, id FROM events WHERE dedup_key IN (%s)"
+                                    " AND dedup_until > ?" % ",".join("?" * len(part)),
+                                    part + [now]))
+        rows: List[tuple] = []
+        row_of: Dict[str, int] = {}  # key -> its row in `rows`, for a key new in this batch
+        # each event: (inbox id, None, True) for a duplicate of a stored event, else (None, its
+        # row or its first copy's row, duplicate)
+        marks: List[Tuple[Optional[int], Optional[int], bool]] = []
         for body, event_type, bridge, lane, key, ttl in events:
             if key is not None and key in known:
-                results.append((known[key], True))  # stored before, or earlier in this batch
-                continue
-            event_rows.append((next_id, now, bridge, event_type, lane, body))
-            if key is not None:
-                known[key] = next_id
-                dedup_rows.append((key, next_id, now + ttl))
-            results.append((next_id, False))
-            next_id += 1
-        _insert_rows(db, "INSERT INTO events (id, received_at, bridge, event, lane, body) VALUES",
-                     "(?, ?, ?, ?, ?, ?)", event_rows)
-        _insert_rows(db, "INSERT OR REPLACE INTO dedup (key, event_id, expires_at) VALUES",
-                     "(?, ?, ?)", dedup_rows)
-        return results
+                marks.append((known[key], None, True))
+            elif key is not None and key in row_of:
+                marks.append((None, row_of[key], True))  # earlier in this batch
+            else:
+                if key is not None:
+                    row_of[key] = len(rows)
+                marks.append((None, len(rows), False))
+                rows.append((now, bridge, event_type, lane, body, key,
+                             None if key is None else now + ttl))
+        # SQLite gives each new row the largest id so far plus one (the write lock is ours),
+        # so the rows of one INSERT have consecutive ids, ending at its last row's.
+        ids: List[int] = []
+        for part in _chunks(rows, SQL_ROWS):
+            last = db.execute("INSERT INTO events (received_at, bridge, event, lane, body,"
+                              " dedup_key, dedup_until) VALUES "
+                              + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(part)),
+                              [value for row in part for value in row]).lastrowid
+            ids += range(last - len(part) + 1, last + 1)
+        return [(ids[row] if event_id is None else event_id, duplicate)
+                for event_id, row, duplicate in marks]
 
     # -- dispatching -------------------------------------------------------
 
@@ -1385,13 +1415,11 @@ class Inbox:
             (after, limit))]
 
     def prune(self, retention: float, now: Optional[float] = None, batch: int = 1000) -> int:
-        """Delete expired dedup keys and delivered events older than `retention`. Dead ones stay."""
+        """Delete delivered events older than `retention`, and their dedup keys with them (no key
+        lasts longer: see validate_config). Dead and pending ones stay, their keys expired."""
         now = time.time() if now is None else now
         removed = 0
         def prune_batch(db) -> List[int]:
-            db.execute("DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE expires_at "
-                       "<= ? LIMIT ?)",
-                       (now, batch))
             ids = [row[0] for row in db.execute(
                 "SELECT id FROM events WHERE status = 'done' AND received_at < ? ORDER "
                 "BY id LIMIT ?",

@@ -48,7 +48,7 @@ class GroupCommit:
         for pragma in ("journal_mode=WAL", "synchronous=FULL", "temp_store=MEMORY"):
             self.db.execute("PRAGMA " + pragma)
         tables = (wabhook.DDL_EVENTS,) if bare else (
-            (wabhook.DDL_EVENTS, wabhook.DDL_DELIVERIES, wabhook.DDL_DEDUP) + wabhook.DDL_INDEXES)
+            (wabhook.DDL_EVENTS, wabhook.DDL_DELIVERIES) + wabhook.DDL_INDEXES)
         for ddl in tables:
             self.db.execute(ddl)
         self.condition = threading.Condition()

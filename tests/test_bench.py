@@ -46,9 +46,9 @@ class ReferenceServersTest(WabhookTestCase):
         self.assertEqual(first, (200, {"ok": True, "id": 1, "duplicate": False}))
         self.assertEqual(again, (200, {"ok": True, "id": 1, "duplicate": True}))
         self.assertEqual(self.query("SELECT id, event, status FROM events", db=db), [(1, "message", "pending")])
-        self.assertEqual(self.query("SELECT event_id FROM dedup", db=db), [(1,)])
+        self.assertEqual(self.query("SELECT id FROM events WHERE dedup_key IS NOT NULL", db=db), [(1,)])
         indexes = {row[0] for row in self.query("SELECT name FROM sqlite_master WHERE type = 'index'", db=db)}
-        self.assertTrue({"events_by_status", "events_undispatched", "dedup_by_expiry"} <= indexes, indexes)
+        self.assertTrue({"events_by_status", "events_undispatched", "events_by_dedup_key"} <= indexes, indexes)
 
     def test_the_bare_prototype_stores_into_one_table_without_dedup(self):
         db = os.path.join(self.tmp, "bare.db")

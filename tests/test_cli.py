@@ -453,6 +453,7 @@ class UsageAndConfigErrorTest(CliTestCase):
             (["--log-level", "loud"], {}, "--log-level"), (["--path", "no-slash"], {}, "--path"),
             (["--tls-cert", "cert.pem"], {}, "--tls-key"), (["--path", "/healthz"], {}, "--path"),
             (["--db", ":memory:"], {}, "--db"),
+            (["--dedup-window", "8d"], {}, "--dedup-window"),  # longer than --retention: 7d
             ([], {"WABHOOK_RETRIES": "many"}, "WABHOOK_RETRIES"),
             ([], {"WABHOOK_ACCESS_LOG": "perhaps"}, "WABHOOK_ACCESS_LOG"),
         ]

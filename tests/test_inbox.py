@@ -22,6 +22,11 @@ import wabhook
 
 DAY = 86400.0
 MESSAGE = load_samples()[0]
+# The events and dedup tables as schemas 1 to 3 wrote them (the migration tests build such a file).
+SCHEMA_2_EVENTS = """CREATE TABLE events (
+    id INTEGER PRIMARY KEY, received_at REAL NOT NULL, bridge TEXT, event TEXT NOT NULL, lane TEXT NOT NULL,
+    body TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending', dispatched INTEGER NOT NULL DEFAULT 0)"""
+SCHEMA_2_DEDUP = "CREATE TABLE dedup (key TEXT PRIMARY KEY, event_id INTEGER NOT NULL, expires_at REAL NOT NULL)"
 
 APPEND_RUNS_HANDLER = '''
 import os, time
@@ -83,7 +88,7 @@ class InboxFileTest(WabhookTestCase):
         self.assertEqual(self.query("PRAGMA user_version"), [(wabhook.SCHEMA_VERSION,)])
         self.assertGreaterEqual(wabhook.SCHEMA_VERSION, 1)
         tables = {row[0] for row in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.assertTrue({"events", "deliveries", "dedup"} <= tables, tables)
+        self.assertTrue({"events", "deliveries"} <= tables, tables)
 
     def test_a_servers_inbox_is_in_wal_mode_with_its_schema_version(self):
         server = self.start_server()
@@ -194,14 +199,15 @@ class InboxFileTest(WabhookTestCase):
 
         self.assertEqual(inbox.prune(7 * DAY, now=time.time() + 6 * DAY), 0)  # nothing is old enough yet
         self.assertEqual(len(self.query("SELECT id FROM events")), 5)
-        self.assertEqual(len(self.query("SELECT key FROM dedup")), 5)
+        self.assertEqual(len(self.query("SELECT dedup_key FROM events WHERE dedup_key IS NOT NULL")), 5)
 
         self.assertEqual(inbox.prune(7 * DAY, now=time.time() + 8 * DAY), 3)
         remaining = {row[0] for row in self.query("SELECT id FROM events")}
         self.assertEqual(remaining, {ids["dead"], ids["pending"]})
         deliveries = {row[0] for row in self.query("SELECT event_id FROM deliveries")}
         self.assertEqual(deliveries, {ids["dead"], ids["pending"]})
-        self.assertEqual(self.query("SELECT key FROM dedup"), [("key-long",)])
+        self.assertEqual(self.query("SELECT dedup_key FROM events WHERE dedup_key IS NOT NULL ORDER BY id"),
+                         [("key-dead",), ("key-pending",)])  # went with their events, expired meanwhile
         self.assertEqual(self.query("SELECT status, last_error FROM deliveries WHERE event_id = ?",
                                     (ids["dead"],)), [("dead", "boom")])
 
@@ -212,9 +218,9 @@ class InboxFileTest(WabhookTestCase):
         self.assertEqual(inbox._db.execute("PRAGMA temp_store").fetchone(), (2,))  # 2: MEMORY
 
     def test_an_older_inbox_gets_the_new_delivery_indexes_and_keeps_every_row(self):
-        # A file as schema 2 wrote it: deliveries indexed whatever their status.
+        # A file as schema 2 wrote it: deliveries indexed whatever their status, dedup keys in a table.
         connection = sqlite3.connect(self.db)
-        for ddl in (wabhook.DDL_EVENTS, wabhook.DDL_DELIVERIES, wabhook.DDL_DEDUP):
+        for ddl in (SCHEMA_2_EVENTS, wabhook.DDL_DELIVERIES, SCHEMA_2_DEDUP):
             connection.execute(ddl)
         for name, columns in (("deliveries_due", "status, next_attempt_at"),
                               ("deliveries_lane_heads", "status, lane, event_id"),
@@ -239,6 +245,25 @@ class InboxFileTest(WabhookTestCase):
                          [(1, "done"), (2, "pending")])
         claimed = inbox.claim_due("owner", 10, lambda event_type: ["h.py"])
         self.assertEqual([claim.event_id for claim in claimed], [2])
+
+    def test_an_older_inbox_keeps_its_live_dedup_keys_in_their_events(self):
+        # Schema 3 and older: keys in a `dedup` table of their own, one live and one expired.
+        connection = sqlite3.connect(self.db)
+        for ddl in (SCHEMA_2_EVENTS, wabhook.DDL_DELIVERIES, SCHEMA_2_DEDUP):
+            connection.execute(ddl)
+        connection.execute("INSERT INTO events (id, received_at, event, lane, body) VALUES"
+                           " (1, 0, 'message', 'l1', '{}'), (2, 0, 'message', 'l2', '{}')")
+        connection.execute("INSERT INTO dedup (key, event_id, expires_at) VALUES ('k-live', 1, ?), ('k-gone', 2, 1)",
+                           (time.time() + DAY,))
+        connection.execute("PRAGMA user_version = 3")
+        connection.commit()
+        connection.close()
+        inbox = self.open_inbox()
+        tables = {row[0] for row in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.assertNotIn("dedup", tables)
+        self.assertEqual(self.commit(inbox, message("A"), key="k-live"), (1, True))  # still a duplicate
+        self.assertEqual(self.commit(inbox, message("B"), key="k-gone")[1], False)  # expired before the move
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(3,)])
 
     def test_the_queries_that_claim_search_an_index_of_deliveries_never_the_table(self):
         self.open_inbox()
@@ -598,7 +623,8 @@ class WritePathTest(WabhookTestCase):
         results = {}
 
         def broken(db):
-            db.execute("INSERT INTO dedup (key, event_id, expires_at) VALUES ('half-done', 0, 0)")
+            db.execute("INSERT INTO events (received_at, event, lane, body, dedup_key)"
+                       " VALUES (0, 'message', 'l', '{}', 'half-done')")
             raise RuntimeError("a bug in one piece of work")
 
         def collect(name):
@@ -619,7 +645,7 @@ class WritePathTest(WabhookTestCase):
         self.assertEqual([duplicate for _id, duplicate in ids], [False] * 3)
         self.assertEqual(results["again"], ((ids[0][0], True), None))  # a duplicate within its own batch
         self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(4,)])
-        self.assertEqual(self.query("SELECT COUNT(*) FROM dedup WHERE key = 'half-done'"), [(0,)])  # rolled back
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events WHERE dedup_key = 'half-done'"), [(0,)])  # rolled back
         self.assertEqual(sorted(row[0] for row in self.query("SELECT id FROM events")),
                          sorted([results["first"][0][0]] + [event_id for event_id, _dup in ids]))
 
