@@ -934,10 +934,12 @@ class Inbox:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dedup'"
                           ).fetchone():
             return
+        now = time.time()
+        # by event: one seek a key, not a scan of the table a key (it goes with the table)
+        db.execute("CREATE INDEX IF NOT EXISTS dedup_by_event ON dedup(event_id)")
         db.execute("UPDATE events SET (dedup_key, dedup_until) = (SELECT key, expires_at FROM dedup"
                    " WHERE dedup.event_id = events.id AND expires_at > ?)"
-                   " WHERE id IN (SELECT event_id FROM dedup WHERE expires_at > ?)",
-                   (time.time(), time.time()))
+                   " WHERE id IN (SELECT event_id FROM dedup WHERE expires_at > ?)", (now, now))
         db.execute("DROP TABLE dedup")  # and its indexes
 
     # -- the one write path --------------------------------------------------
