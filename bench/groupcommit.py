@@ -12,7 +12,7 @@ Each 200 is sent after its event's COMMIT.
 
 The file gets wabhook's own tables and indexes (its DDL is imported), and the
 batch is stored by wabhook's own Inbox._insert_events: the dedup keys looked up,
-the events and the keys inserted, in the same statements. The disk work per
+the events inserted with their keys, in the same statements. The disk work per
 event is the same as wabhook's; what is left out is everything else: checks of
 the request, metrics, handlers, dispatch. So this is an upper bound for a
 Python receiver that stores what the SPEC asks, not a server to run.
