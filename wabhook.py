@@ -774,12 +774,15 @@ def _chunks(items: list, size: int) -> List[list]:
     return [items[start:start + size] for start in range(0, len(items), size)]
 
 
-def _insert_rows(db, insert: str, placeholders: str, rows: List[tuple]) -> None:
+def _insert_rows(db, insert: str, placeholders: str, rows: List[tuple]) -> List[Tuple[int, int]]:
     """INSERT many rows with one statement per SQL_ROWS of them (executemany steps once a row,
-    each step a round trip through the GIL)."""
+    each step a round trip through the GIL); (rows, last rowid) of each statement."""
+    inserted = []
     for part in _chunks(rows, SQL_ROWS):
-        db.execute(insert + " " + ",".join([placeholders] * len(part)), [value for row in part
-                                                                         for value in row])
+        cursor = db.execute(insert + " " + ",".join([placeholders] * len(part)),
+                            [value for row in part for value in row])
+        inserted.append((len(part), cursor.lastrowid))
+    return inserted
 
 
 class _FileLost(Exception):
@@ -1150,12 +1153,10 @@ class Inbox:
         # SQLite gives each new row the largest id so far plus one (the write lock is ours),
         # so the rows of one INSERT have consecutive ids, ending at its last row's.
         ids: List[int] = []
-        for part in _chunks(rows, SQL_ROWS):
-            last = db.execute("INSERT INTO events (received_at, bridge, event, lane, body,"
-                              " dedup_key, dedup_until) VALUES "
-                              + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(part)),
-                              [value for row in part for value in row]).lastrowid
-            ids += range(last - len(part) + 1, last + 1)
+        for count, last in _insert_rows(db, "INSERT INTO events (received_at, bridge, event, lane,"
+                                            " body, dedup_key, dedup_until) VALUES",
+                                        "(?, ?, ?, ?, ?, ?, ?)", rows):
+            ids += range(last - count + 1, last + 1)
         return [(ids[row] if event_id is None else event_id, duplicate)
                 for event_id, row, duplicate in marks]
 
@@ -1418,7 +1419,8 @@ class Inbox:
 
     def prune(self, retention: float, now: Optional[float] = None, batch: int = 1000) -> int:
         """Delete delivered events older than `retention`, and their dedup keys with them (no key
-        lasts longer: see validate_config). Dead and pending ones stay, their keys expired."""
+        lasts longer: see validate_config). Dead and pending ones stay, and so do their keys, each
+        a duplicate's match until its dedup_until."""
         now = time.time() if now is None else now
         removed = 0
         def prune_batch(db) -> List[int]:
