@@ -812,19 +812,22 @@ class Claim:
 
 
 class _Write:
-    """One unit of work for the inbox's writer: a function of the connection, and its result.
+    """One unit of work for the inbox's writer, and its result: a function of the connection, an
+    event to store or a run's outcome to record (the last two are written a batch at a time).
 
     Its thread waits on `wakeup` (a lock held until then), released once the
     work is committed; or `on_done` is called then, for a caller that may not wait.
     """
 
-    __slots__ = ("apply", "event", "done", "result", "error", "wakeup", "on_done")
+    __slots__ = ("apply", "event", "outcome", "done", "result", "error", "wakeup", "on_done")
 
-    def __init__(self, apply: Optional[Callable[[sqlite3.Connection], object]],
-                 event: Optional[tuple],
-                 on_done: Optional[Callable[[object, Optional[Exception]], None]] = None):
-        # `event`: the columns of an event to store (see _insert_events)
-        self.apply, self.event = apply, event
+    def __init__(self, apply: Optional[Callable[[sqlite3.Connection], object]] = None,
+                 event: Optional[tuple] = None,
+                 on_done: Optional[Callable[[object, Optional[Exception]], None]] = None,
+                 outcome: Optional[tuple] = None):
+        # `event`: the columns of an event to store (see _insert_events);
+        # `outcome`: how a run ended (see _record_outcomes)
+        self.apply, self.event, self.outcome = apply, event, outcome
         self.done, self.result, self.error = False, None, None
         self.on_done = on_done  # called in the writer's thread; else a thread waits on `wakeup`
         self.wakeup = None
@@ -948,16 +951,16 @@ class Inbox:
     # -- the one write path --------------------------------------------------
 
     def _write(self, apply: Optional[Callable[[sqlite3.Connection], object]] = None,
-               event: Optional[tuple] = None):
-        """Run `apply(db)`, or store `event`, in a write transaction grouped with whatever else is
-        queued.
+               event: Optional[tuple] = None, outcome: Optional[tuple] = None):
+        """Run `apply(db)`, store `event` or record `outcome`, in a write transaction grouped with
+        whatever else is queued.
 
         Returns its result only after COMMIT. A batch that stores events is
         committed with synchronous=FULL, so an ack survives a power loss;
         delivery bookkeeping alone commits without fsync (a lost outcome only
         re-runs a handler). Raises InboxUnavailable when it cannot commit.
         """
-        work = self._enqueue(_Write(apply, event))
+        work = self._enqueue(_Write(apply, event, outcome=outcome))
         work.wakeup.acquire()
         if work.error is not None:
             raise work.error
@@ -1028,6 +1031,7 @@ class Inbox:
         raised."""
         db = self._db
         events = [work for work in batch if work.event is not None]
+        outcomes = [work for work in batch if work.outcome is not None]
         done: List[Tuple[_Write, object]] = []
         current = events
         try:
@@ -1038,8 +1042,13 @@ class Inbox:
                 if events:
                     done += zip(events, self._insert_events(db, time.time(),
                                                             [work.event for work in events]))
+                # before the claims: a lane its run ended is free for them
+                current = outcomes
+                if outcomes:
+                    done += zip(outcomes, self._record_outcomes(db, [work.outcome
+                                                                     for work in outcomes]))
                 for work in batch:
-                    if work.event is None:
+                    if work.apply is not None:
                         current = [work]
                         done.append((work, work.apply(db)))
                 current = []
@@ -1114,8 +1123,8 @@ class Inbox:
         """commit_event() without waiting: on_done(result, error) is called after COMMIT by the
         writer;
         or, with `flush_here`, by the caller's own next flush_here() if the writer is idle then."""
-        self._enqueue(_Write(None, (body, event_type, bridge, lane, dedup_key, dedup_ttl), on_done),
-                      notify=not flush_here)
+        self._enqueue(_Write(event=(body, event_type, bridge, lane, dedup_key, dedup_ttl),
+                             on_done=on_done), notify=not flush_here)
 
     @staticmethod
     def _insert_events(db, now: float, events: List[tuple]) -> List[Tuple[int, bool]]:
@@ -1272,36 +1281,63 @@ class Inbox:
         Returns whether it did; with `on_done`, returns at once and calls
         on_done(updated, error) after COMMIT instead.
         """
-        now = time.time()
-
-        def record(db) -> bool:
-            cursor = db.execute(
-                "UPDATE deliveries SET status = ?, next_attempt_at = ?, last_error = ?,"
-                " lease_owner = NULL, lease_until = NULL, updated_at = ?, output = ?, "
-                "exit_status = ?"
-                " WHERE event_id = ? AND handler = ? AND status = 'running' AND lease_owner = ?",
-                (status, retry_at, error, now, output, exit_status, event_id, handler, owner))
-            if cursor.rowcount:
-                self._settle_event(db, event_id)
-            return bool(cursor.rowcount)
+        outcome = (event_id, handler, owner, status, retry_at, error, time.time(), output,
+                   exit_status)
         if on_done is not None:
-            self._enqueue(_Write(record, None, on_done))
+            self._enqueue(_Write(outcome=outcome, on_done=on_done))
             return None
-        return self._write(record)
+        return self._write(outcome=outcome)
 
     @staticmethod
-    def _settle_event(db, event_id):
-        """Set the event's summary status from its deliveries."""
-        db.execute("UPDATE events SET status = CASE"
-                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status IN "
-                   "('pending', 'running'))"
-                   " THEN 'pending'"
-                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status = "
-                   "'dead') THEN 'dead'"
-                   " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :id AND status "
-                   "= 'discarded')"
-                   " THEN 'discarded'"
-                   " ELSE 'done' END WHERE id = :id", {"id": event_id})
+    def _record_outcomes(db, outcomes: List[tuple]) -> List[bool]:
+        """Record a batch of runs' outcomes (see record_outcome); whether each updated its delivery.
+
+        Three statements whatever their number, not two a run: the
+        deliveries still running, the update of those this owner holds, and
+        their events' summary status. An outcome is a tuple (event_id,
+        handler, owner, status, retry_at, error, ended_at, output, exit_status).
+        """
+        running: set = set()  # (event_id, handler, owner) of the deliveries running now
+        for part in _chunks(sorted({outcome[0] for outcome in outcomes}), SQL_ROWS):
+            running.update(db.execute("SELECT event_id, handler, lease_owner FROM deliveries"
+                                      " WHERE event_id IN (%s) AND +status = 'running'"
+                                      % ",".join("?" * len(part)), part))
+        updated, rows = [], []
+        for event_id, handler, owner, status, retry_at, error, ended_at, output, exit_status in (
+                outcomes):
+            held = (event_id, handler, owner) in running
+            running.discard((event_id, handler, owner))  # a second outcome of that run: too late
+            updated.append(held)
+            if held:
+                rows.append((event_id, handler, status, retry_at, error, ended_at, output,
+                             exit_status))
+        for part in _chunks(rows, SQL_ROWS):
+            db.execute("WITH outcome(event_id, handler, status, next_attempt_at, last_error,"
+                       " updated_at, output, exit_status) AS (VALUES %s)"
+                       " UPDATE deliveries SET (status, next_attempt_at, last_error, updated_at,"
+                       " output, exit_status) = (SELECT outcome.status, outcome.next_attempt_at,"
+                       " outcome.last_error, outcome.updated_at, outcome.output,"
+                       " outcome.exit_status FROM outcome WHERE outcome.event_id ="
+                       " deliveries.event_id AND outcome.handler = deliveries.handler),"
+                       " lease_owner = NULL, lease_until = NULL"
+                       " WHERE (event_id, handler) IN (SELECT event_id, handler FROM outcome)"
+                       % ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(part)),
+                       [value for row in part for value in row])
+        Inbox._settle_events(db, sorted({row[0] for row in rows}))
+        return updated
+
+    @staticmethod
+    def _settle_events(db, event_ids: List[int]) -> None:
+        """Set the events' summary status from their deliveries."""
+        for part in _chunks(event_ids, SQL_ROWS):
+            db.execute("UPDATE events SET status = CASE"
+                       " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id"
+                       " AND status IN ('pending', 'running')) THEN 'pending'"
+                       " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id"
+                       " AND status = 'dead') THEN 'dead'"
+                       " WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id"
+                       " AND status = 'discarded') THEN 'discarded'"
+                       " ELSE 'done' END WHERE id IN (%s)" % ",".join("?" * len(part)), part)
 
     def renew_leases(self, owner: str, now: Optional[float] = None) -> None:
         """Extend the leases of every delivery `owner` is running by LEASE_SECONDS."""
@@ -1349,7 +1385,7 @@ class Inbox:
                            " lease_owner = NULL, lease_until = NULL, updated_at = ?"
                            " WHERE event_id = ? AND handler = ?",
                            (status, retry_at, error, now, event_id, handler))
-                self._settle_event(db, event_id)
+                self._settle_events(db, [event_id])
                 recovered += 1
             return recovered
         return self._write(recover)
