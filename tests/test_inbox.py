@@ -176,6 +176,46 @@ class InboxFileTest(WabhookTestCase):
         [claim] = inbox.claim_due(owner, 10, handlers_for)
         self.assertEqual((claim.event_id, claim.handlers), (second, ["message.forward"]))
 
+    def test_outcomes_committed_in_one_batch_each_update_their_own_run_once(self):
+        inbox = self.open_inbox()
+        owner = "test:%d:outcomes" % os.getpid()
+        handlers_for = lambda event_type: ["a.py", "b.sh"]  # noqa: E731
+        ids = [self.commit(inbox, message("o%d" % n), key="o%d" % n, lane="chat-%d" % n)[0] for n in range(3)]
+        self.assertEqual(sorted(claim.event_id for claim in inbox.claim_due(owner, 10, handlers_for)), ids)
+        results = {}
+
+        def record(name, event_id, handler, status, by=owner, **fields):
+            inbox.record_outcome(event_id, handler, by, status, on_done=lambda updated, error: results.__setitem__(
+                name, (updated, error)), **fields)
+
+        with inbox._lock:  # the writer waits here; every outcome below queues into one batch
+            inbox._enqueue(wabhook._Write(lambda db: None))
+            wait_until(lambda: not inbox._queue, message="the writer to take the first piece of work")
+            record("first a", ids[0], "a.py", "done", output="hello\n")
+            record("first b", ids[0], "b.sh", "done", exit_status=0)
+            record("second a", ids[1], "a.py", "dead", error="boom", exit_status=None)
+            record("second b", ids[1], "b.sh", "done", exit_status=0, output="out")
+            record("second b again", ids[1], "b.sh", "dead", error="too late")  # its lease is gone by then
+            record("third a", ids[2], "a.py", "pending", error="down", retry_at=123.0)
+            record("third b by another", ids[2], "b.sh", "done", by="someone-else")  # not its lease
+            self.assertEqual(len(inbox._queue), 7)
+        wait_until(lambda: len(results) == 7, message="every outcome to be committed")
+        self.assertEqual({name: updated for name, (updated, _error) in results.items()},
+                         {"first a": True, "first b": True, "second a": True, "second b": True,
+                          "second b again": False, "third a": True, "third b by another": False})
+        rows = self.query("SELECT event_id, handler, status, last_error, output, exit_status, next_attempt_at,"
+                          " lease_owner FROM deliveries ORDER BY event_id, handler")
+        self.assertEqual(rows, [
+            (ids[0], "a.py", "done", None, "hello\n", None, 0.0, None),
+            (ids[0], "b.sh", "done", None, None, 0, 0.0, None),
+            (ids[1], "a.py", "dead", "boom", None, None, 0.0, None),
+            (ids[1], "b.sh", "done", None, "out", 0, 0.0, None),
+            (ids[2], "a.py", "pending", "down", None, None, 123.0, None),
+            (ids[2], "b.sh", "running", None, None, None, 0.0, owner),  # still ours, running
+        ])
+        self.assertEqual([row[0] for row in self.query("SELECT status FROM events ORDER BY id")],
+                         ["done", "dead", "pending"])
+
     def test_prune_removes_old_delivered_events_and_expired_keys_but_keeps_dead_and_pending(self):
         inbox = self.open_inbox()
         owner = "test:%d:prune" % os.getpid()
