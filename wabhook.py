@@ -767,7 +767,7 @@ BUSY_TIMEOUT_SECONDS = 2.0
 FILE_CHECK_SECONDS = 0.5
 # how stale the HTTP front's view of the handlers folder's existence may be
 FOLDER_CHECK_SECONDS = 0.25
-SQL_ROWS = 100  # rows per multi-row statement: 6 values each stay under SQLite's 999 variables
+SQL_ROWS = 100  # rows per multi-row statement: 8 values at most each, under SQLite's 999
 
 
 def _chunks(items: list, size: int) -> List[list]:
