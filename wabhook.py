@@ -118,7 +118,7 @@ OPTIONS = (
            "others are done"),
     Option("retention", "7d", "duration", "how long dedup keys and delivered events are kept"),
     Option("dedup_window", "0", "duration", "drop byte-identical events without identity within "
-                                            "this window (0: off)"),
+                                            "this window (0: off; at most --retention)"),
     Option("token", None, "secret", "shared secret every POST must present (?token=, Bearer, "
                                     "Basic password)"),
     Option("secret", None, "secret", "Standard Webhooks signing secret (whsec_...) to "
