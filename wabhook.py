@@ -1042,7 +1042,7 @@ class Inbox:
                 if events:
                     done += zip(events, self._insert_events(db, time.time(),
                                                             [work.event for work in events]))
-                # before the claims: a lane its run ended is free for them
+                # before the claims: a lane whose run ended is free for them
                 current = outcomes
                 if outcomes:
                     done += zip(outcomes, self._record_outcomes(db, [work.outcome
