@@ -775,14 +775,19 @@ def _chunks(items: list, size: int) -> List[list]:
 
 
 def _insert_rows(db, insert: str, placeholders: str, rows: List[tuple]) -> List[Tuple[int, int]]:
-    """INSERT many rows with one statement per SQL_ROWS of them (executemany steps once a row,
-    each step a round trip through the GIL); (rows, last rowid) of each statement."""
-    inserted = []
+    """INSERT many rows with one statement per SQL_ROWS of them; (rows, last rowid) of each."""
+    return _with_rows(db, insert + " %s", placeholders, rows)
+
+
+def _with_rows(db, sql: str, placeholders: str, rows: List[tuple]) -> List[Tuple[int, int]]:
+    """Run `sql` once per SQL_ROWS rows, its %s the VALUES list of them (executemany steps once
+    a row, each step a round trip through the GIL); (rows, last rowid) of each statement."""
+    done = []
     for part in _chunks(rows, SQL_ROWS):
-        cursor = db.execute(insert + " " + ",".join([placeholders] * len(part)),
+        cursor = db.execute(sql % ",".join([placeholders] * len(part)),
                             [value for row in part for value in row])
-        inserted.append((len(part), cursor.lastrowid))
-    return inserted
+        done.append((len(part), cursor.lastrowid))
+    return done
 
 
 class _FileLost(Exception):
@@ -1292,7 +1297,7 @@ class Inbox:
     def _record_outcomes(db, outcomes: List[tuple]) -> List[bool]:
         """Record a batch of runs' outcomes (see record_outcome); whether each updated its delivery.
 
-        Three statements whatever their number, not two a run: the
+        Three statements a hundred of them (SQL_ROWS), not two a run: the
         deliveries still running, the update of those this owner holds, and
         their events' summary status. An outcome is a tuple (event_id,
         handler, owner, status, retry_at, error, ended_at, output, exit_status).
@@ -1311,8 +1316,7 @@ class Inbox:
             if held:
                 rows.append((event_id, handler, status, retry_at, error, ended_at, output,
                              exit_status))
-        for part in _chunks(rows, SQL_ROWS):
-            db.execute("WITH outcome(event_id, handler, status, next_attempt_at, last_error,"
+        _with_rows(db, "WITH outcome(event_id, handler, status, next_attempt_at, last_error,"
                        " updated_at, output, exit_status) AS (VALUES %s)"
                        " UPDATE deliveries SET (status, next_attempt_at, last_error, updated_at,"
                        " output, exit_status) = (SELECT outcome.status, outcome.next_attempt_at,"
@@ -1320,9 +1324,8 @@ class Inbox:
                        " outcome.exit_status FROM outcome WHERE outcome.event_id ="
                        " deliveries.event_id AND outcome.handler = deliveries.handler),"
                        " lease_owner = NULL, lease_until = NULL"
-                       " WHERE (event_id, handler) IN (SELECT event_id, handler FROM outcome)"
-                       % ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(part)),
-                       [value for row in part for value in row])
+                       " WHERE (event_id, handler) IN (SELECT event_id, handler FROM outcome)",
+                   "(?, ?, ?, ?, ?, ?, ?, ?)", rows)
         Inbox._settle_events(db, sorted({row[0] for row in rows}))
         return updated
 
@@ -1369,7 +1372,7 @@ class Inbox:
         now = time.time() if now is None else now
 
         def recover(db) -> int:
-            recovered = 0
+            recovered: List[int] = []  # their events
             rows = db.execute("SELECT event_id, handler, attempts, lease_owner, lease_until "
                               "FROM deliveries"
                               " WHERE status = 'running'").fetchall()
@@ -1385,9 +1388,9 @@ class Inbox:
                            " lease_owner = NULL, lease_until = NULL, updated_at = ?"
                            " WHERE event_id = ? AND handler = ?",
                            (status, retry_at, error, now, event_id, handler))
-                self._settle_events(db, [event_id])
-                recovered += 1
-            return recovered
+                recovered.append(event_id)
+            self._settle_events(db, sorted(set(recovered)))
+            return len(recovered)
         return self._write(recover)
 
     def stuck_deliveries(self, running_longer_than: float) -> int:
