@@ -22,7 +22,8 @@ wabhook scenarios (`python wabhook.py serve` in a fresh temp dir per point):
 - noop-exec: an executable handlers/message.sh that reads stdin: the same figures
 - backlog:   --backlog events pile up behind the hung handler, a hot reload fixes it;
              drain rate, ack p50/p99 at c=16 during the drain, RSS start/peak/end
-- cold:      Popen to the first 200 of a POST, median of 5 starts
+- cold:      Popen to the first 200 of a POST, median of 5 starts; beside it what the same
+             interpreter takes to start bare and to compile the script
 - forward:   --forward-backlog events pile up behind bench/sink.py holding its answers, then
              drain through handlers/message.forward: events/s, connections, resends
 
@@ -715,7 +716,29 @@ def measure_cold(args, tag, starts=5):
                 times.append(first_200(server, port, "%s-%d" % (tag, i), started) * 1000)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"cold_ms": statistics.median(times), "cold_min": min(times), "cold_max": max(times)}
+    figures = {"cold_ms": statistics.median(times), "cold_min": min(times), "cold_max": max(times)}
+    figures.update(interpreter_floor(args.wabhook, starts))
+    return figures
+
+
+def interpreter_floor(script, starts):
+    """What a start costs before any of wabhook's code runs, measured the same way.
+
+    The interpreter's own start (Popen of `python -c pass` to its exit) and the compile
+    of the script: `python wabhook.py` compiles the whole file on every start, as
+    Python never reads or writes cached bytecode for the script it runs.
+    """
+    bare, compiled = [], []
+    with open(script, encoding="utf-8") as f:
+        source = f.read()
+    for _ in range(starts):
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        bare.append((time.monotonic() - started) * 1000)
+        started = time.monotonic()
+        compile(source, script, "exec", dont_inherit=True)
+        compiled.append((time.monotonic() - started) * 1000)
+    return {"python_ms": statistics.median(bare), "compile_ms": statistics.median(compiled)}
 
 
 def free_port():
@@ -812,6 +835,9 @@ def report(args, generator, runs):
         print("\ncold start (Popen to the first 200 of a POST, median of 5 starts): %s ms"
               " (fastest start %s ms, slowest %s ms)"
               % (col("cold_ms", "{:.0f}"), col("cold_min", "{:.0f}"), col("cold_max", "{:.0f}")))
+        print("  before any of its code runs: the interpreter starts (`python -c pass`) in %s ms"
+              " and compiles %s in %s ms (medians of 5)"
+              % (col("python_ms", "{:.0f}"), os.path.basename(args.wabhook), col("compile_ms", "{:.0f}")))
     if "forward" in runs[0]:
         report_forward(column([run["forward"] for run in runs]))
     if FAILURES:

@@ -58,3 +58,13 @@ class ReferenceServersTest(WabhookTestCase):
         self.assertEqual(self.query("SELECT COUNT(*) FROM events", db=db), [(2,)])
         self.assertEqual(self.query("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')", db=db),
                          [("events",)])
+
+
+class ColdStartTest(WabhookTestCase):
+    def test_cold_start_is_reported_with_what_the_interpreter_takes_before_it(self):
+        result = subprocess.run([sys.executable, os.path.join(BENCH, "bench.py"), "--scenario", "cold",
+                                 "--no-baselines"], capture_output=True, text=True, timeout=60, cwd=self.tmp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"cold start \(Popen to the first 200 of a POST, median of 5 starts\): \d+ ms")
+        self.assertRegex(result.stdout, r"the interpreter starts \(`python -c pass`\) in \d+ ms"
+                                        r" and compiles wabhook\.py in \d+ ms")
