@@ -3,7 +3,8 @@
 
     python bench/bench.py [--duration 5] [--runs 1] [--scenario NAME ...] [--wabhook PATH]
 
-Baselines (run first, so each figure has its ratios; --baselines picks, --no-baselines skips):
+Baselines (each concurrency runs them, then wabhook's scenarios, back to back, so a ratio
+compares figures measured a minute apart; --baselines picks, --no-baselines skips):
 - ceiling:   bench/ceiling.py, ThreadingHTTPServer that parses the JSON and stores nothing;
              every `x ceiling` is a ratio to it
 - naive:     bench/naive.py, the same plus one fsync'd SQLite commit per request
@@ -775,15 +776,19 @@ def one_run(args, generator, run):
     """{'points': {(target, c): figures}, 'backlog': figures, 'cold': figures}."""
     targets = [] if args.no_baselines else list(args.baselines)
     targets += ["wabhook " + s for s in args.scenario if s in ("hung", "page", "noop", "noop-exec")]
-    points = {}
-    for target in targets:
-        for c in args.connections:
+    measured = {}
+    # Every target at one concurrency back to back: the figures a ratio compares are measured
+    # a minute apart, not the whole run apart (this machine's speed drifts within minutes).
+    for c in args.connections:
+        for target in targets:
             if target == "wabhook page" and c != 16 and 16 in args.connections:
                 continue  # the issue's measure: c=16
             tag = "r%d-%s-c%d" % (run, target.split()[-1], c)
-            points[target, c] = figures = measure_point(args, generator, target, c, tag)
+            measured[target, c] = figures = measure_point(args, generator, target, c, tag)
             log("  run %d  %-17s c=%-3d %8.0f req/s  p99 %6.1f ms" % (
                 run, target, c, figures["rps"], figures["p99"]))
+    points = {(target, c): measured[target, c] for target in targets for c in args.connections
+              if (target, c) in measured}  # the table's order: by target, then c
     add_ratios(points)
     result = {"points": points}
     if "backlog" in args.scenario:
@@ -927,7 +932,7 @@ def parse_args(argv=None):
     add("--drain-timeout", type=int, default=300, help="most seconds to drain it")
     add("--forward-backlog", type=int, default=10000, help="events piled up for the forward scenario (10000)")
     add("--baselines", nargs="+", choices=list(BASELINES), default=list(BASELINES),
-        help="baselines and references to run first (default: all)")
+        help="baselines and references to run (default: all)")
     add("--no-baselines", action="store_true", help="skip every baseline and reference")
     add("--fallback", action="store_true", help="the stdlib client even if wrk is installed")
     args = parser.parse_args(argv)
