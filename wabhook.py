@@ -814,6 +814,7 @@ class Claim:
     received_at: float
     handlers: List[str]
     attempts: Dict[str, int]  # handler -> this run's attempt number (1 = first)
+    claimed_at: float = 0.0   # time.monotonic() in the transaction that claimed it
 
 
 class _Write:
@@ -1216,8 +1217,9 @@ class Inbox:
             events = {row[0]: row[1:] for row in db.execute(
                 "SELECT id, event, bridge, body, received_at FROM events WHERE id IN (%s)" % marks,
                 heads)}
+            claimed_at = time.monotonic()
             return [Claim(event_id, *events[event_id], sorted(attempts[event_id]),
-                          attempts[event_id])
+                          attempts[event_id], claimed_at)
                     for event_id in heads]
         return self._write(claim)
 
@@ -1667,6 +1669,9 @@ class Intake:
 # or half-written. A file is trusted as gone or broken only after this long.
 SETTLE_SECONDS = 1.0
 RESCAN_SECONDS = 0.25       # how stale the folder listing may be
+# A run takes a handler as unchanged, without a stat of its own, when another run looked at
+# its file after this run's event was claimed and at most this long ago (see Registry.get).
+SHARED_CHECK_SECONDS = 0.05
 OUTPUT_CAP = 64 * 1024      # bytes of a script's output kept for the log
 OUTPUT_KEPT = 16 * 1024     # bytes of a run's output stored with its delivery (`show`, the page)
 OUTPUT_CHUNK = 16 * 1024
@@ -2612,6 +2617,7 @@ class Registry:
         self._last_seen: Dict[str, float] = {}   # name -> when it was last listed
         # name -> PythonHandler | ScriptHandler | ForwardHandler
         self._loaded: Dict[str, object] = {}
+        self._checked: Dict[str, float] = {}     # name -> when a stat last found it unchanged
         self._helpers: Dict[str, tuple] = {}     # _helper.py -> signature
         self.environ = dict(environ or {})       # what ${VAR} in a .forward file reads
         make_importable(self.folder)
@@ -2728,12 +2734,24 @@ class Registry:
         own = [n for n in names if handler_event(n) == event_type]
         return own + [n for n in names if handler_event(n) == ALL_EVENTS and n not in own]
 
-    def get(self, name: str):
-        """The loaded handler, (re)loaded if its file changed; HandlerGone if it stays gone."""
+    def get(self, name: str, claimed_at: Optional[float] = None):
+        """The loaded handler, (re)loaded if its file changed; HandlerGone if it stays gone.
+
+        A run whose event was claimed at `claimed_at` (time.monotonic()) gets
+        code at least as new as the file was then: a stat, or another run's
+        stat made since and less than SHARED_CHECK_SECONDS ago (a claim of
+        eight events costs one stat, not eight: each gives up the interpreter
+        lock, and waiting to take it back is most of what a stat costs here).
+        """
         cached = self._loaded.get(name)
         if cached is not None:
+            checked, now = self._checked.get(name, float("-inf")), time.monotonic()
+            if (claimed_at is not None and claimed_at <= checked
+                    and now - checked < SHARED_CHECK_SECONDS):
+                return cached
             with contextlib.suppress(OSError):
                 if _signature(cached.path) == cached.signature:
+                    self._checked[name] = now  # taken before the stat: it saw the file as of then
                     return cached  # unchanged: one stat, not a listing of the folder per run
         deadline = time.monotonic() + SETTLE_SECONDS
         while True:
@@ -3032,7 +3050,8 @@ class Dispatcher:
                 self._abandon_overdue_runs()
                 self._retry_unrecorded()
                 claims, wait = [], IDLE_POLL_SECONDS
-                if self.registry.folder_missing():
+                # as the intake does, at most every FOLDER_CHECK_SECONDS: not a stat a claim
+                if self.registry.folder_missing(FOLDER_CHECK_SECONDS):
                     # Not a folder of no handlers: fanning out now would mark every event done.
                     if not folder_missing:
                         self.log.error("the handlers folder %s is missing; events are "
@@ -3179,7 +3198,7 @@ class Dispatcher:
         try:
             # its prints while loading count too
             with self._attributed(run.handler, claim.event_id, run.output):
-                handler = self.registry.get(run.handler)
+                handler = self.registry.get(run.handler, claim.claimed_at)
                 run.form = handler.form
                 event = parse_event(json.loads(claim.body), claim.bridge, claim.event_id,
                                     claim.received_at)

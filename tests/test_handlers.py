@@ -460,6 +460,50 @@ class HotReloadTest(HandlersTestCase):
         self.assertEqual(sorted(self.deliveries(later)), ["message.py"])
 
 
+class SharedCheckTest(HandlersTestCase):
+    """Registry.get: a run gets code at least as new as its handler's file was when its event was claimed,
+    from a stat of its own or another run's made since (one stat a claim of several events, not one a run)."""
+
+    def setUp(self):
+        super().setUp()
+        self.write_handler("message.py", "LABEL = 'old'\ndef handle(event):\n    pass\n")
+        self.age(os.path.join(self.handlers, "message.py"))
+        self.registry = wabhook.Registry(self.handlers)
+
+    def save_new_code(self):
+        self.write_handler("message.py", "LABEL = 'new code'\ndef handle(event):\n    pass\n")
+        self.age(os.path.join(self.handlers, "message.py"))
+
+    def test_a_run_claimed_after_a_save_gets_the_new_code_however_soon_after_another_runs_check(self):
+        self.assertEqual(self.registry.get("message.py", time.monotonic()).module.LABEL, "old")
+        self.save_new_code()
+        self.assertEqual(self.registry.get("message.py", time.monotonic()).module.LABEL, "new code")
+
+    def test_runs_claimed_before_a_check_share_it_and_runs_claimed_after_it_stat_again(self):
+        claimed = time.monotonic()
+        self.registry.get("message.py", claimed)  # loads it
+        stats = []
+        real_signature = wabhook._signature
+
+        def counted(path):
+            stats.append(path)
+            return real_signature(path)
+        with unittest.mock.patch.object(wabhook, "_signature", counted), \
+                unittest.mock.patch.object(wabhook, "SHARED_CHECK_SECONDS", 3600):
+            self.registry.get("message.py", time.monotonic())  # claimed after the load: a stat
+            self.assertEqual(len(stats), 1)
+            for _ in range(7):  # claimed before that stat
+                self.registry.get("message.py", claimed)
+            self.assertEqual(len(stats), 1)
+            self.registry.get("message.py")  # no claim time (not a run): always a stat
+            self.registry.get("message.py", time.monotonic())
+            self.assertEqual(len(stats), 3)
+        with unittest.mock.patch.object(wabhook, "_signature", counted), \
+                unittest.mock.patch.object(wabhook, "SHARED_CHECK_SECONDS", 0):
+            self.registry.get("message.py", claimed)  # that check is too old to share
+            self.assertEqual(len(stats), 4)
+
+
 class ImportFailureTest(HandlersTestCase):
     def test_handler_that_fails_to_import_is_retried_and_fixing_it_drains_the_backlog(self):
         broken = self.write_handler("message.py", "def handle(event)\n    pass\n")
