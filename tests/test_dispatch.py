@@ -429,6 +429,30 @@ class BacklogTest(DispatchTestCase):
         status, _headers, data = self.request(server, "GET", "/healthz")
         self.assertEqual((status, json.loads(data)["pending"]), (200, 300))
 
+    def test_a_backlog_is_leased_ahead_of_the_workers_at_most_claims_ahead_times_their_number(self):
+        inbox = wabhook.Inbox(self.db)
+        for n in range(20):  # twenty chats waiting before the server starts
+            raw = message(chat="chat-%d" % n, message_id="ahead-%d" % n)
+            inbox.commit_event(json.dumps(raw), "message", None, wabhook.lane_of(raw, None),
+                               wabhook.identity_key(raw, None), 3600.0)
+        inbox.close()
+        self.handler("message.py", HUNG)
+        server = self.start_server(workers=2, script_timeout=120, shutdown_timeout=10)
+        leased = wabhook.CLAIMS_AHEAD * 2
+
+        def running():
+            return self.query("SELECT COUNT(*) FROM deliveries WHERE status = 'running'")[0][0]
+        wait_until(lambda: running() >= leased, message="%d events leased" % leased)
+        wait_until(lambda: len([n for n in os.listdir(self.tmp) if n.startswith("started-")]) == 2,
+                   message="both workers in a hung handler")
+        # A later event is fanned out (the loop has gone round again since) but nothing more is
+        # leased: no claim is made ahead of workers that are all stuck.
+        later = self.post_id(server, message(chat="chat-later", message_id="ahead-later"))
+        wait_until(lambda: self.query("SELECT COUNT(*) FROM deliveries WHERE event_id = ?", (later,))[0][0],
+                   message="the later event fanned out")
+        self.assertEqual(running(), leased)
+        self.assertEqual(self.pending_count(), 21)
+
     def test_memory_stays_flat_while_the_backlog_grows_on_disk(self):
         self.handler("message.py", HUNG)
         process, port = self.start_process("--script-timeout", "120")
