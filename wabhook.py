@@ -2739,9 +2739,10 @@ class Registry:
 
         A run whose event was claimed at `claimed_at` (time.monotonic()) gets
         code at least as new as the file was then: a stat, or another run's
-        stat made since and less than SHARED_CHECK_SECONDS ago (a claim of
-        eight events costs one stat, not eight: each gives up the interpreter
-        lock, and waiting to take it back is most of what a stat costs here).
+        stat made since and less than SHARED_CHECK_SECONDS ago. So a claim of
+        several events costs one stat, not one each: a stat gives up the
+        interpreter lock and waits to take it back, and with the loop's look
+        for the folder, one a run took a tenth of a backlog's drain here.
         """
         cached = self._loaded.get(name)
         if cached is not None:
@@ -3089,8 +3090,8 @@ class Dispatcher:
             self._wake.wait(wait)
 
     def _wants_claims(self) -> bool:
-        """Whether to claim more: a worker is free, and the claims not yet run are fewer than the
-        workers.
+        """Whether to claim more: a worker is free, and at most half of the claims that may wait
+        ahead of the workers are waiting.
 
         Claims are made ahead, up to CLAIMS_AHEAD times --workers in all, so a
         worker that finishes finds its next event already leased instead of
