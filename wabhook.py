@@ -2909,9 +2909,11 @@ def check_handlers(folder: str, environ: Optional[Dict[str, str]] = None) -> Tup
 
 RETRY_DELAY_CAP = 3600.0
 IDLE_POLL_SECONDS = 1.0     # other processes (the CLI's replay, a second server) are seen this fast
-# Events leased ahead of the workers, at most, per worker: with 4 rather than 2, a backlog
-# drained about a tenth faster here (fewer claim transactions, workers waiting less for one).
-CLAIMS_AHEAD = 4
+# Events leased, at most, per worker (the runs and the claims waiting for a worker). With 2, a
+# waiting claim waits at most one run (at most --script-timeout), so its delivery, `running`
+# from its claim on, never looks stuck to /healthz (running for longer than --script-timeout
+# plus its lease). 4 drained a backlog a tenth faster here, but a claim could wait three runs.
+CLAIMS_AHEAD = 2
 # at start, then this often (or every --retention if shorter, at most every second)
 PRUNE_EVERY_SECONDS = 600.0
 
