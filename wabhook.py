@@ -3092,8 +3092,8 @@ class Dispatcher:
             self._wake.wait(wait)
 
     def _wants_claims(self) -> bool:
-        """Whether to claim more: a worker is free, and at most half of the claims that may wait
-        ahead of the workers are waiting.
+        """Whether to claim more: a worker is free, and the events leased (running or waiting for
+        a worker) are at most half of the CLAIMS_AHEAD times --workers that may be.
 
         Claims are made ahead, up to CLAIMS_AHEAD times --workers in all, so a
         worker that finishes finds its next event already leased instead of
