@@ -814,7 +814,7 @@ class Claim:
     received_at: float
     handlers: List[str]
     attempts: Dict[str, int]  # handler -> this run's attempt number (1 = first)
-    claimed_at: float = 0.0   # time.monotonic() in the transaction that claimed it
+    claimed_at: float         # time.monotonic() in the transaction that claimed it
 
 
 class _Write:
@@ -2734,7 +2734,7 @@ class Registry:
         own = [n for n in names if handler_event(n) == event_type]
         return own + [n for n in names if handler_event(n) == ALL_EVENTS and n not in own]
 
-    def get(self, name: str, claimed_at: Optional[float] = None):
+    def get(self, name: str, claimed_at: float):
         """The loaded handler, (re)loaded if its file changed; HandlerGone if it stays gone.
 
         A run whose event was claimed at `claimed_at` (time.monotonic()) gets
@@ -2747,8 +2747,7 @@ class Registry:
         cached = self._loaded.get(name)
         if cached is not None:
             checked, now = self._checked.get(name, float("-inf")), time.monotonic()
-            if (claimed_at is not None and claimed_at <= checked
-                    and now - checked < SHARED_CHECK_SECONDS):
+            if claimed_at <= checked and now - checked < SHARED_CHECK_SECONDS:
                 return cached
             with contextlib.suppress(OSError):
                 if _signature(cached.path) == cached.signature:
