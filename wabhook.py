@@ -765,6 +765,10 @@ FANOUT_BATCH = 500
 BUSY_TIMEOUT_SECONDS = 2.0
 # how often the writer makes sure the inbox file is still the one it opened
 FILE_CHECK_SECONDS = 0.5
+# How often the checkpointer copies committed pages into the inbox file, and how many WAL frames
+# (pages) it lets the WAL hold before starting it over: SQLite's own default, 4 MB.
+CHECKPOINT_SECONDS = 0.01
+CHECKPOINT_FRAMES = 1000
 # how stale the HTTP front's view of the handlers folder's existence may be
 FOLDER_CHECK_SECONDS = 0.25
 SQL_ROWS = 100  # rows per multi-row statement: 8 values at most each, under SQLite's 999
@@ -859,7 +863,9 @@ class Inbox:
     whose work that was (or calls back the HTTP front). A burst of acks and
     the delivery bookkeeping that runs meanwhile cost one fsync.
     Reads (counts, listings) use a second connection: in WAL mode they never
-    wait for a write, and a slow count never holds up an ack.
+    wait for a write, and a slow count never holds up an ack. A third, the
+    checkpointer's, copies committed pages from the WAL into the file (see
+    _checkpoint_continually), so that no commit, and no ack, waits for it.
     """
 
     def __init__(self, path: str, busy_timeout: Optional[float] = None):
@@ -876,6 +882,9 @@ class Inbox:
         # (when, why) of the last event commit, if it failed
         self._failed_commit: Optional[Tuple[float, str]] = None
         self._reader: Optional[sqlite3.Connection] = None
+        self._checkpoints: Optional[threading.Thread] = None
+        self._stop_checkpoints = threading.Event()
+        self._commits = 0  # transactions committed by this Inbox: the checkpointer looks at it
         self._synchronous = ""
         try:
             self._db = self._connect(busy_timeout)
@@ -896,6 +905,15 @@ class Inbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._migrate()
             self._reader = self._connect(busy_timeout)
+            # SQLite's own checkpoint runs inside the COMMIT that fills the WAL past its limit:
+            # every CHECKPOINT_FRAMES frames one batch of acks waited 4-6 ms for it. It is left
+            # as a backstop, far off, for when the checkpointer cannot keep up.
+            self._db.execute("PRAGMA wal_autocheckpoint=%d" % (10 * CHECKPOINT_FRAMES))
+            checkpointer = self._connect(busy_timeout)
+            self._checkpoints = threading.Thread(target=self._checkpoint_continually,
+                                                 args=(checkpointer,),
+                                                 name="wabhook-inbox-checkpoints", daemon=True)
+            self._checkpoints.start()
         except sqlite3.Error as exc:
             self.close()
             raise InboxUnavailable("cannot open the inbox %s: %s" % (path, exc)) from None
@@ -914,6 +932,9 @@ class Inbox:
             self._queued.notify()
         if self._writer is not None and self._writer is not threading.current_thread():
             self._writer.join()
+        self._stop_checkpoints.set()
+        if self._checkpoints is not None:
+            self._checkpoints.join()  # before taking _lock, which it may be waiting for
         with self._lock, self._read_lock:
             self._db.close()
             if self._reader is not None:
@@ -1059,6 +1080,7 @@ class Inbox:
                         done.append((work, work.apply(db)))
                 current = []
                 db.execute("COMMIT")
+                self._commits += 1
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
@@ -1102,6 +1124,35 @@ class Inbox:
             raise _FileLost("the file was deleted or replaced while wabhook ran; restart it "
                             "(events stored"
                             " since are in the old file, if a process still holds it)")
+
+    def _checkpoint_continually(self, db: sqlite3.Connection) -> None:
+        """The checkpointer thread: every CHECKPOINT_SECONDS that saw a commit, copy what the WAL
+        holds into the file, on a connection of its own, while the writer goes on committing.
+
+        The WAL starts over from its beginning only when a write begins with
+        every frame copied, which never happens while frames are added during
+        each copy: once it holds CHECKPOINT_FRAMES, the few frames added
+        meanwhile are copied with the writer paused (under _lock), and its
+        next commit starts the WAL over. A checkpoint is made with fsync (this
+        connection keeps synchronous=FULL), so a frame is only written over
+        once the file holds it durably.
+        """
+        seen = -1
+        try:
+            while not self._stop_checkpoints.wait(CHECKPOINT_SECONDS):
+                if self._commits == seen:
+                    continue
+                seen = self._commits
+                try:
+                    frames = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+                    if frames >= CHECKPOINT_FRAMES:
+                        with self._lock:
+                            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    # a full disk, a file gone: the writer reports those; this tries again
+                    continue
+        finally:
+            db.close()
 
     def _set_synchronous(self, mode: str) -> None:
         if mode != self._synchronous:

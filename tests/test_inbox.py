@@ -712,6 +712,47 @@ class WritePathTest(WabhookTestCase):
             inbox.commit_event('{"event": "typing"}', "typing", None, "l", None, 0.0)
 
 
+class CheckpointTest(WabhookTestCase):
+    """Pages go from the WAL into the file in a checkpointer thread, not in the commits of acks."""
+
+    def wal_restarts(self):
+        """How many times the WAL has started over: its header's checkpoint sequence number."""
+        with open(self.db + "-wal", "rb") as wal:
+            return int.from_bytes(wal.read(16)[12:16], "big")
+
+    def test_commits_leave_checkpoints_to_the_checkpointer_which_keeps_the_wal_short(self):
+        inbox = wabhook.Inbox(self.db)
+        self.addCleanup(inbox.close)
+        # SQLite's own checkpoint, run inside a COMMIT, only as a backstop far beyond the checkpointer's
+        self.assertEqual(inbox._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
+                         10 * wabhook.CHECKPOINT_FRAMES)
+        body = json.dumps(dict(MESSAGE, body="x" * 3000))  # about a page each
+        stop, commits = threading.Event(), []
+
+        def write_continually():  # commits back to back: a copy made meanwhile never catches up alone
+            while not stop.is_set():
+                inbox._write(lambda db: db.execute("INSERT INTO events (received_at, event, lane, body)"
+                                                   " VALUES (0, 'message', 'l', ?)", (body,)))
+                commits.append(1)
+
+        writer = threading.Thread(target=write_continually)
+        writer.start()
+        try:
+            first = wait_until(lambda: os.path.exists(self.db + "-wal") and self.wal_restarts() + 1,
+                               message="the WAL") - 1
+            wait_until(lambda: self.wal_restarts() >= first + 3, timeout=30,
+                       message="the WAL to start over three times")
+        finally:
+            stop.set()
+            writer.join(10)
+        # Its length is the most frames it ever held: SQLite's backstop would let it reach ten times
+        # CHECKPOINT_FRAMES; a checkpointer that only copied, while frames keep coming, even more.
+        frames = (os.path.getsize(self.db + "-wal") - 32) // (4096 + 24)
+        self.assertLess(frames, 3 * wabhook.CHECKPOINT_FRAMES)
+        inbox.close()
+        self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(len(commits),)])
+
+
 class AckAfterCommitTest(WabhookTestCase):
     def test_no_200_is_sent_while_the_commit_is_held_and_the_row_exists_when_it_arrives(self):
         server = self.start_server()
