@@ -910,6 +910,7 @@ class Inbox:
             # as a backstop, far off, for when the checkpointer cannot keep up.
             self._db.execute("PRAGMA wal_autocheckpoint=%d" % (10 * CHECKPOINT_FRAMES))
             checkpointer = self._connect(busy_timeout)
+            checkpointer.execute("PRAGMA synchronous=FULL")  # whatever a build's default
             self._checkpoints = threading.Thread(target=self._checkpoint_continually,
                                                  args=(checkpointer,),
                                                  name="wabhook-inbox-checkpoints", daemon=True)
@@ -1134,8 +1135,8 @@ class Inbox:
         each copy: once it holds CHECKPOINT_FRAMES, the few frames added
         meanwhile are copied with the writer paused (under _lock), and its
         next commit starts the WAL over. A checkpoint is made with fsync (this
-        connection keeps synchronous=FULL), so a frame is only written over
-        once the file holds it durably.
+        connection is set to synchronous=FULL), so a frame is only written
+        over once the file holds it durably.
         """
         seen = -1
         try:
