@@ -766,7 +766,7 @@ BUSY_TIMEOUT_SECONDS = 2.0
 # how often the writer makes sure the inbox file is still the one it opened
 FILE_CHECK_SECONDS = 0.5
 # How often the checkpointer copies committed pages into the inbox file, and how many WAL frames
-# (pages) it lets the WAL hold before starting it over: SQLite's own default, 4 MB.
+# (pages) it lets the WAL hold before starting it over: SQLite's own default (4 MB at 4 KB pages).
 CHECKPOINT_SECONDS = 0.01
 CHECKPOINT_FRAMES = 1000
 # how stale the HTTP front's view of the handlers folder's existence may be
@@ -1150,8 +1150,7 @@ class Inbox:
                         with self._lock:
                             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
-                    # a full disk, a file gone: the writer reports those; this tries again
-                    continue
+                    pass  # a full disk, a file gone: the writer reports those; this tries again
         finally:
             db.close()
 

@@ -747,7 +747,8 @@ class CheckpointTest(WabhookTestCase):
             writer.join(10)
         # Its length is the most frames it ever held: SQLite's backstop would let it reach ten times
         # CHECKPOINT_FRAMES; a checkpointer that only copied, while frames keep coming, even more.
-        frames = (os.path.getsize(self.db + "-wal") - 32) // (4096 + 24)
+        page_size = inbox._db.execute("PRAGMA page_size").fetchone()[0]
+        frames = (os.path.getsize(self.db + "-wal") - 32) // (page_size + 24)
         self.assertLess(frames, 3 * wabhook.CHECKPOINT_FRAMES)
         inbox.close()
         self.assertEqual(self.query("SELECT COUNT(*) FROM events"), [(len(commits),)])
