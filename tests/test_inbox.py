@@ -747,7 +747,7 @@ class CheckpointTest(WabhookTestCase):
             writer.join(10)
         # Its length is the most frames it ever held: SQLite's backstop would let it reach ten times
         # CHECKPOINT_FRAMES; a checkpointer that only copied, while frames keep coming, even more.
-        page_size = inbox._db.execute("PRAGMA page_size").fetchone()[0]
+        page_size = self.query("PRAGMA page_size")[0][0]
         frames = (os.path.getsize(self.db + "-wal") - 32) // (page_size + 24)
         self.assertLess(frames, 3 * wabhook.CHECKPOINT_FRAMES)
         inbox.close()
