@@ -426,7 +426,8 @@ class BacklogTest(DispatchTestCase):
         self.assertEqual([status for status, _reply in rest], [200] * 292, [r for r in rest if r[0] != 200][:3])
         self.assertEqual(self.pending_count(), 300)
         # The 8 hung runs hold their leases. A claim the loop decided while the last worker was
-        # still starting its run may have leased a few more ahead, never past CLAIMS_AHEAD each.
+        # still starting its run may have leased a few more ahead, never past CLAIMS_AHEAD times
+        # --workers in all.
         started = {int(n[len("started-"):]) for n in os.listdir(self.tmp) if n.startswith("started-")}
         running = {row[0] for row in self.query("SELECT event_id FROM deliveries WHERE status = 'running'")}
         self.assertEqual(len(started), 8)
