@@ -859,9 +859,10 @@ class Inbox:
     Every write of this process goes through _write() to one writer thread:
     one connection, explicit BEGIN IMMEDIATE transactions, and group commit.
     The writer takes everything queued (events to store, outcomes to record,
-    claims), commits it in one transaction, and wakes exactly the threads
-    whose work that was (or calls back the HTTP front). A burst of acks and
-    the delivery bookkeeping that runs meanwhile cost one fsync.
+    claims): the events in one transaction with fsync, then the rest in one
+    without, and wakes exactly the threads whose work that was (or calls
+    back the HTTP front). A burst of acks costs one fsync, and waits for
+    none of the delivery bookkeeping queued with it.
     Reads (counts, listings) use a second connection: in WAL mode they never
     wait for a write, and a slow count never holds up an ack. A third, the
     checkpointer's, copies committed pages from the WAL into the file (see
@@ -1017,28 +1018,43 @@ class Inbox:
             self._commit_and_finish(batch)
 
     def flush_here(self) -> None:
-        """Commit what is queued in the calling thread, unless the writer is at it already.
+        """Commit the events queued in the calling thread, unless the writer is at it already.
 
         The HTTP front calls this after each turn of its loop: with the writer
         idle, a request's way from socket to COMMIT to 200 then takes no
         hand-off between threads (which costs more than the fsync at low
-        concurrency); with the writer busy, it takes the queue next.
+        concurrency); with the writer busy, it takes the queue next. Delivery
+        bookkeeping queued meanwhile is left to the writer, which this wakes.
         """
         with self._queued:
-            if not self._queue or self._writing:
+            if self._writing:
                 return
-            batch, self._queue, self._writing = self._queue, [], True
+            batch = [work for work in self._queue if work.event is not None]
+            if not batch:
+                return
+            self._queue = [work for work in self._queue if work.event is None]
+            self._writing = True
         self._commit_and_finish(batch)
 
     def _commit_and_finish(self, batch: List[_Write]) -> None:
+        """Commit the batch's events, then the rest (delivery bookkeeping) in a transaction of its
+        own: the acks go out after their fsync, not after the claims and outcomes queued with
+        them."""
+        events = [work for work in batch if work.event is not None]
+        parts = [batch]
+        if events and len(events) < len(batch):
+            parts = [events, [work for work in batch if work.event is None]]
         try:
-            self._commit(batch)
+            for part in parts:
+                try:
+                    self._commit(part)
+                finally:
+                    for work in part:
+                        if not work.done:  # only if _commit itself failed
+                            work.error, work.done = InboxUnavailable(
+                                "inbox %s: the write was not made" % self.path), True
+                        work.finish()
         finally:
-            for work in batch:
-                if not work.done:  # only if _commit itself failed
-                    work.error, work.done = InboxUnavailable("inbox %s: the write was not made"
-                                                             % self.path), True
-                work.finish()
             with self._queued:
                 self._writing = False
                 if self._queue:

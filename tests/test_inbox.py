@@ -689,6 +689,51 @@ class WritePathTest(WabhookTestCase):
         self.assertEqual(sorted(row[0] for row in self.query("SELECT id FROM events")),
                          sorted([results["first"][0][0]] + [event_id for event_id, _dup in ids]))
 
+    def test_an_ack_does_not_wait_for_the_bookkeeping_queued_with_it(self):
+        inbox = self.open_inbox()
+        acked, bookkeeping_started, release = [], threading.Event(), threading.Event()
+        bookkeeping_ended = threading.Event()
+
+        def bookkeeping(db):  # a claim or an outcome that takes its time: until released
+            bookkeeping_started.set()
+            release.wait(30)
+            bookkeeping_ended.set()
+
+        with inbox._lock:  # the writer waits here with a first event; the next two queue behind
+            inbox.submit_event('{"event": "typing"}', "typing", None, "l", None, 0.0,
+                               lambda result, error: None)
+            wait_until(lambda: not inbox._queue, message="the writer to take the first event")
+            inbox._enqueue(wabhook._Write(bookkeeping, None, lambda result, error: None))
+            inbox.submit_event(json.dumps(message("m1")), "message", None, "l", "k1", DAY,
+                               lambda result, error: acked.append((result, error)))
+            self.assertEqual(len(inbox._queue), 2)  # one batch for the writer
+        try:
+            wait_until(lambda: acked, timeout=10, message="the event to be acked while the bookkeeping runs")
+            self.assertFalse(bookkeeping_ended.is_set())
+            self.assertTrue(bookkeeping_started.wait(10))
+            (event_id, duplicate), error = acked[0]
+            self.assertEqual((duplicate, error), (False, None))
+            # committed before its ack: another connection reads it while the writer still works
+            self.assertEqual(self.query("SELECT COUNT(*) FROM events WHERE id = ?", (event_id,)), [(1,)])
+        finally:
+            release.set()
+
+    def test_the_front_commits_its_events_and_leaves_the_bookkeeping_to_the_writer(self):
+        inbox = self.open_inbox()
+        threads = {}
+
+        def note_thread(name):
+            return lambda result, error: threads.__setitem__(name, threading.current_thread())
+
+        # queued without waking the writer, as the front queues the events of a turn
+        inbox._enqueue(wabhook._Write(event=('{"event": "typing"}', "typing", None, "l", None, 0.0),
+                                      on_done=note_thread("event")), notify=False)
+        inbox._enqueue(wabhook._Write(lambda db: None, on_done=note_thread("bookkeeping")), notify=False)
+        inbox.flush_here()
+        self.assertIs(threads["event"], threading.current_thread())
+        wait_until(lambda: "bookkeeping" in threads, message="the writer to take the bookkeeping")
+        self.assertEqual(threads["bookkeeping"].name, "wabhook-inbox-writer")
+
     def test_ids_keep_growing_across_batches(self):
         inbox = self.open_inbox()
         ids = [inbox.commit_event('{"event": "typing"}', "typing", None, "l", None, 0.0)[0] for _ in range(5)]
