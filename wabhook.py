@@ -1044,21 +1044,28 @@ class Inbox:
         parts = [batch]
         if events and len(events) < len(batch):
             parts = [events, [work for work in batch if work.event is None]]
+        finished = 0
         try:
             for part in parts:
                 try:
                     self._commit(part)
                 finally:
-                    for work in part:
-                        if not work.done:  # only if _commit itself failed
-                            work.error, work.done = InboxUnavailable(
-                                "inbox %s: the write was not made" % self.path), True
-                        work.finish()
+                    finished += 1
+                    self._finish(part)
         finally:
+            for part in parts[finished:]:  # not committed: _commit raised on an earlier part
+                self._finish(part)
             with self._queued:
                 self._writing = False
                 if self._queue:
                     self._queued.notify()
+
+    def _finish(self, part: List[_Write]) -> None:
+        for work in part:
+            if not work.done:  # only if _commit itself failed
+                work.error, work.done = InboxUnavailable("inbox %s: the write was not made"
+                                                         % self.path), True
+            work.finish()
 
     def _commit(self, batch: List[_Write]) -> None:
         """Apply a batch in one transaction. Work that raises is taken out and the rest committed

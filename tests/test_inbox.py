@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
+from unittest import mock
 
 from tests.support import TYPED_RECORD_HANDLER, WabhookTestCase, load_samples, wait_until
 
@@ -733,6 +734,32 @@ class WritePathTest(WabhookTestCase):
         self.assertIs(threads["event"], threading.current_thread())
         wait_until(lambda: "bookkeeping" in threads, message="the writer to take the bookkeeping")
         self.assertEqual(threads["bookkeeping"].name, "wabhook-inbox-writer")
+
+    def test_the_bookkeeping_behind_events_whose_commit_raised_is_answered_not_left_waiting(self):
+        inbox = self.open_inbox()
+        commit, results = inbox._commit, {}
+
+        def failing_commit(part):  # a bug below the write path, where no piece of work is to blame
+            if any(work.event is not None for work in part):
+                raise RuntimeError("a bug in the write path")
+            commit(part)
+
+        def collect(name):
+            return lambda result, error: results.__setitem__(name, (result, error))
+
+        inbox._commit = failing_commit
+        with mock.patch.object(threading, "excepthook", lambda args: None):  # the writer dies of it
+            with inbox._queued:  # one batch: an event, then bookkeeping
+                inbox._queue += [
+                    wabhook._Write(event=('{"event": "typing"}', "typing", None, "l", None, 0.0),
+                                   on_done=collect("event")),
+                    wabhook._Write(lambda db: "recorded", on_done=collect("bookkeeping"))]
+                inbox._queued.notify()
+            wait_until(lambda: len(results) == 2, timeout=10, message="both pieces of work to be answered")
+            inbox._writer.join(10)
+        for name in ("event", "bookkeeping"):
+            self.assertIsNone(results[name][0])
+            self.assertIsInstance(results[name][1], wabhook.InboxUnavailable)
 
     def test_ids_keep_growing_across_batches(self):
         inbox = self.open_inbox()
