@@ -1040,10 +1040,8 @@ class Inbox:
         """Commit the batch's events, then the rest (delivery bookkeeping) in a transaction of its
         own: the acks go out after their fsync, not after the claims and outcomes queued with
         them."""
-        events = [work for work in batch if work.event is not None]
-        parts = [batch]
-        if events and len(events) < len(batch):
-            parts = [events, [work for work in batch if work.event is None]]
+        parts = [part for part in ([work for work in batch if work.event is not None],
+                                   [work for work in batch if work.event is None]) if part]
         finished = 0
         try:
             for part in parts:

@@ -712,8 +712,10 @@ class WritePathTest(WabhookTestCase):
             wait_until(lambda: acked, timeout=10, message="the event to be acked while the bookkeeping runs")
             self.assertFalse(bookkeeping_ended.is_set())
             self.assertTrue(bookkeeping_started.wait(10))
-            (event_id, duplicate), error = acked[0]
-            self.assertEqual((duplicate, error), (False, None))
+            result, error = acked[0]
+            self.assertIsNone(error)
+            event_id, duplicate = result
+            self.assertFalse(duplicate)
             # committed before its ack: another connection reads it while the writer still works
             self.assertEqual(self.query("SELECT COUNT(*) FROM events WHERE id = ?", (event_id,)), [(1,)])
         finally:
