@@ -2,6 +2,7 @@
 """wabhook benchmark (issue 8): one command, one run, every target, standard library only.
 
     python bench/bench.py [--duration 5] [--runs 1] [--scenario NAME ...] [--wabhook PATH]
+                          [--against PATH]
 
 Baselines (each concurrency runs them, then wabhook's scenarios, back to back, so a ratio
 compares figures measured a minute apart; --baselines picks, --no-baselines skips):
@@ -35,6 +36,12 @@ over 100 chats. The table shows req/s, the ratio to the ceiling at the same c,
 p50/p99 and errors; for wabhook the inbox's row count is checked against the
 200s received (FAIL when a 200 has no row). With --runs N the whole set runs
 N times and each figure is the median (min-max). 127.0.0.1 only, bounded in time.
+
+--against PATH runs a second wabhook.py (another commit's) at every wabhook load point (hung,
+page, noop, noop-exec; backlog, cold and forward run --wabhook alone), right beside
+--wabhook's, the one going first alternating from run to run: its rows are
+`wabhook:B <scenario>`, each with its ratio to the same row of --wabhook (`x A`). For a
+change's paired measurement: `--runs 6 --against /tmp/before/wabhook.py`.
 """
 
 import argparse
@@ -498,6 +505,7 @@ def check_rows(figures, counts, label):
 
 
 FAILURES = []
+AGAINST = "wabhook:B "  # the rows of --against: "wabhook:B noop" beside "wabhook noop"
 
 
 # ---------------------------------------------------------------------------
@@ -512,7 +520,8 @@ def measure_point(args, generator, target, c, tag):
         if target in BASELINES:
             argv, db = baseline_argv(target, tmp)
         else:
-            argv, db = wabhook_argv(args.wabhook, tmp, "hung" if scenario == "page" else scenario)
+            path = args.against if target.startswith(AGAINST) else args.wabhook
+            argv, db = wabhook_argv(path, tmp, "hung" if scenario == "page" else scenario)
         with Server(argv, tmp, target).start() as server:
             before = inbox(db) if db else None
             tab = PagePoller(server.port) if scenario == "page" else None
@@ -775,13 +784,18 @@ def first_200(server, port, message_id, started, timeout=10):
 def one_run(args, generator, run):
     """{'points': {(target, c): figures}, 'backlog': figures, 'cold': figures}."""
     targets = [] if args.no_baselines else list(args.baselines)
-    targets += ["wabhook " + s for s in args.scenario if s in ("hung", "page", "noop", "noop-exec")]
+    pairs = [["wabhook " + s] + ([AGAINST + s] if args.against else [])
+             for s in args.scenario if s in ("hung", "page", "noop", "noop-exec")]
+    targets += [target for pair in pairs for target in pair]
+    # --wabhook and --against: which goes first alternates from run to run
+    order = targets[:len(targets) - sum(map(len, pairs))] + [
+        target for pair in pairs for target in (pair if run % 2 else pair[::-1])]
     measured = {}
     # Every target at one concurrency back to back: the figures a ratio compares are measured
     # a minute apart, not the whole run apart (this machine's speed drifts within minutes).
     for c in args.connections:
-        for target in targets:
-            if target == "wabhook page" and c != 16 and 16 in args.connections:
+        for target in order:
+            if target.endswith(" page") and c != 16 and 16 in args.connections:
                 continue  # the issue's measure: c=16
             tag = "r%d-%s-c%d" % (run, target.split()[-1], c)
             measured[target, c] = figures = measure_point(args, generator, target, c, tag)
@@ -805,9 +819,12 @@ def one_run(args, generator, run):
 def add_ratios(points):
     """Ratios within the run: the absolute figures swing between runs, the ratios less."""
     for (target, c), figures in points.items():
-        for base in ("ceiling", "naive", "stdlib", "wabhook hung"):
+        side = AGAINST if target.startswith(AGAINST) else "wabhook "
+        for base in ("ceiling", "naive", "stdlib", side + "hung"):
             if (base, c) in points:
                 figures["x_" + base.split()[-1]] = figures["rps"] / points[base, c]["rps"]
+        if side == AGAINST and ("wabhook " + target[len(AGAINST):], c) in points:
+            figures["x_A"] = figures["rps"] / points["wabhook " + target[len(AGAINST):], c]["rps"]
 
 
 def spread(values, spec):
@@ -822,9 +839,10 @@ def spread(values, spec):
 
 
 def report(args, generator, runs):
-    print("python %s, %d cores, %s, %d s per point, %d run%s, wabhook: %s" % (
+    print("python %s, %d cores, %s, %d s per point, %d run%s, wabhook: %s%s" % (
         sys.version.split()[0], os.cpu_count(), generator.name, args.duration, len(runs),
-        "s, each figure the median (min-max)" if len(runs) > 1 else "", args.wabhook))
+        "s, each figure the median (min-max)" if len(runs) > 1 else "", args.wabhook,
+        " (A), wabhook:B: %s" % args.against if args.against else ""))
     print()
     print("| target | c | req/s | x ceiling | p50 ms | p99 ms | errors | extra |")
     print("|---|---|---|---|---|---|---|---|")
@@ -874,8 +892,10 @@ def extra(target, col):
         parts.append("dead %s" % col("dead", "{:,.0f}"))
     if col("rss", "{}"):
         parts.append("RSS peak %s MB" % col("rss", "{:.0f}"))
-    if target == "wabhook page":
+    if target.endswith(" page"):
         parts.append("%s polls; %s the acks of hung" % (col("polls", "{:.0f}"), col("x_hung", "{:.3f}x")))
+    if col("x_A", "{}"):
+        parts.append("%s A" % col("x_A", "{:.2f}x"))
     if target.startswith(("wabhook", "prototype")):
         for base in ("naive", "stdlib"):
             if col("x_" + base, "{}"):
@@ -927,6 +947,8 @@ def parse_args(argv=None):
     add("--connections", type=lambda s: [int(x) for x in s.split(",")], default=list(CONNECTIONS),
         help="keep-alive connections per point (default 1,16,64)")
     add("--wabhook", default=os.path.join(ROOT, "wabhook.py"), help="the wabhook.py to run")
+    add("--against", help="a second wabhook.py run beside --wabhook at every wabhook point (rows"
+        " `wabhook:B ...`, with their ratio to --wabhook's)")
     add("--backlog", type=int, default=100000, help="events piled up (default 100000)")
     add("--pile-timeout", type=int, default=300, help="most seconds to pile up the backlog")
     add("--drain-timeout", type=int, default=300, help="most seconds to drain it")
@@ -938,6 +960,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.scenario = args.scenario or list(SCENARIOS)
     args.wabhook = os.path.abspath(args.wabhook)
+    if args.against:
+        args.against = os.path.abspath(args.against)
     return args
 
 

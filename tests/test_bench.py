@@ -68,3 +68,30 @@ class ColdStartTest(WabhookTestCase):
         self.assertRegex(result.stdout, r"cold start \(Popen to the first 200 of a POST, median of 5 starts\): \d+ ms")
         self.assertRegex(result.stdout, r"the interpreter starts \(`python -c pass`\) in \d+ ms"
                                         r" and compiles wabhook\.py in \d+ ms")
+
+
+class AgainstTest(WabhookTestCase):
+    """--against: a second wabhook.py measured beside --wabhook at every point, in alternating order."""
+
+    def bench(self, against):
+        return subprocess.run([sys.executable, os.path.join(BENCH, "bench.py"), "--scenario", "hung",
+                               "--connections", "1", "--duration", "1", "--runs", "2", "--no-baselines",
+                               "--fallback", "--against", against],
+                              capture_output=True, text=True, timeout=120, cwd=self.tmp)
+
+    def test_each_row_of_the_second_file_is_measured_beside_the_first_and_given_its_ratio(self):
+        result = self.bench(os.path.join(ROOT, "wabhook.py"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"\| wabhook hung \| 1 \| [\d,]+")
+        self.assertRegex(result.stdout, r"\| wabhook:B hung \| 1 \| [\d,]+ .*; \d\.\d\dx( \([^)]*\))? A;")
+        order = re.findall(r"run (\d)  (wabhook(?::B)?) hung", result.stderr)
+        self.assertEqual(order, [("1", "wabhook"), ("1", "wabhook:B"), ("2", "wabhook:B"), ("2", "wabhook")])
+
+    def test_the_second_file_is_the_one_run_for_its_rows(self):
+        broken = os.path.join(self.tmp, "wabhook.py")
+        with open(broken, "w") as handle:
+            handle.write("raise SystemExit('not this one')\n")
+        result = self.bench(broken)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("wabhook:B hung did not start", result.stdout + result.stderr)
+        self.assertIn("not this one", result.stdout + result.stderr)
