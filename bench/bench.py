@@ -783,13 +783,12 @@ def first_200(server, port, message_id, started, timeout=10):
 
 def one_run(args, generator, run):
     """{'points': {(target, c): figures}, 'backlog': figures, 'cold': figures}."""
-    targets = [] if args.no_baselines else list(args.baselines)
+    baselines = [] if args.no_baselines else list(args.baselines)
     pairs = [["wabhook " + s] + ([AGAINST + s] if args.against else [])
              for s in args.scenario if s in ("hung", "page", "noop", "noop-exec")]
-    targets += [target for pair in pairs for target in pair]
+    targets = baselines + [target for pair in pairs for target in pair]
     # --wabhook and --against: which goes first alternates from run to run
-    order = targets[:len(targets) - sum(map(len, pairs))] + [
-        target for pair in pairs for target in (pair if run % 2 else pair[::-1])]
+    order = baselines + [target for pair in pairs for target in (pair if run % 2 else pair[::-1])]
     measured = {}
     # Every target at one concurrency back to back: the figures a ratio compares are measured
     # a minute apart, not the whole run apart (this machine's speed drifts within minutes).
@@ -823,8 +822,9 @@ def add_ratios(points):
         for base in ("ceiling", "naive", "stdlib", side + "hung"):
             if (base, c) in points:
                 figures["x_" + base.split()[-1]] = figures["rps"] / points[base, c]["rps"]
-        if side == AGAINST and ("wabhook " + target[len(AGAINST):], c) in points:
-            figures["x_A"] = figures["rps"] / points["wabhook " + target[len(AGAINST):], c]["rps"]
+        same = ("wabhook " + target[len(AGAINST):], c)  # --wabhook's row of an --against row
+        if side == AGAINST and same in points:
+            figures["x_A"] = figures["rps"] / points[same]["rps"]
 
 
 def spread(values, spec):
