@@ -763,6 +763,43 @@ class WritePathTest(WabhookTestCase):
             self.assertIsNone(results[name][0])
             self.assertIsInstance(results[name][1], wabhook.InboxUnavailable)
 
+    def test_events_commit_with_synchronous_full_and_bookkeeping_alone_without(self):
+        inbox = self.open_inbox()
+
+        class Recording:  # the writer's connection, noting each COMMIT's synchronous level
+            def __init__(self, db):
+                self.db, self.statements, self.commits = db, [], []
+
+            def execute(self, sql, *args):
+                if sql == "COMMIT":
+                    stored = any(s.startswith("INSERT INTO events") for s in self.statements)
+                    self.commits.append((stored, self.db.execute("PRAGMA synchronous").fetchone()[0]))
+                    self.statements = []
+                else:
+                    self.statements.append(sql)
+                return self.db.execute(sql, *args)
+
+            def __getattr__(self, name):
+                return getattr(self.db, name)
+
+        inbox._db = recording = Recording(inbox._db)
+        done = []
+        with inbox._lock:  # one batch of both kinds behind a first event
+            inbox.submit_event('{"event": "typing"}', "typing", None, "l", None, 0.0,
+                               lambda result, error: done.append(error))
+            wait_until(lambda: not inbox._queue, message="the writer to take the first event")
+            for n in range(3):
+                inbox.submit_event(json.dumps(message("s%d" % n)), "message", None, "l", "s%d" % n, DAY,
+                                   lambda result, error: done.append(error))
+                inbox._enqueue(wabhook._Write(lambda db: None, on_done=lambda result, error: done.append(error)))
+        wait_until(lambda: len(done) == 7, message="every piece of work to be committed")
+        inbox._write(lambda db: None)  # bookkeeping alone
+        self.assertEqual(done, [None] * 7)
+        full, normal = 2, 1  # PRAGMA synchronous
+        self.assertIn((True, full), recording.commits)
+        self.assertIn((False, normal), recording.commits)
+        self.assertEqual(sorted(set(recording.commits)), [(False, normal), (True, full)])
+
     def test_ids_keep_growing_across_batches(self):
         inbox = self.open_inbox()
         ids = [inbox.commit_event('{"event": "typing"}', "typing", None, "l", None, 0.0)[0] for _ in range(5)]
