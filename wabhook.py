@@ -853,6 +853,12 @@ class _Write:
             self.wakeup.release()
 
 
+def _events_and_rest(works: List[_Write]) -> Tuple[List[_Write], List[_Write]]:
+    """The events to store, and the rest (delivery bookkeeping), each in its queued order."""
+    return ([work for work in works if work.event is not None],
+            [work for work in works if work.event is None])
+
+
 class Inbox:
     """The SQLite file: events, dedup keys and per-handler delivery state.
 
@@ -1029,29 +1035,26 @@ class Inbox:
         with self._queued:
             if self._writing:
                 return
-            batch = [work for work in self._queue if work.event is not None]
+            batch, bookkeeping = _events_and_rest(self._queue)
             if not batch:
                 return
-            self._queue = [work for work in self._queue if work.event is None]
-            self._writing = True
+            self._queue, self._writing = bookkeeping, True
         self._commit_and_finish(batch)
 
     def _commit_and_finish(self, batch: List[_Write]) -> None:
         """Commit the batch's events, then the rest (delivery bookkeeping) in a transaction of its
         own: the acks go out after their fsync, not after the claims and outcomes queued with
         them."""
-        parts = [part for part in ([work for work in batch if work.event is not None],
-                                   [work for work in batch if work.event is None]) if part]
-        finished = 0
+        parts = [part for part in _events_and_rest(batch) if part]
         try:
-            for part in parts:
+            while parts:
+                part = parts.pop(0)
                 try:
                     self._commit(part)
                 finally:
-                    finished += 1
                     self._finish(part)
         finally:
-            for part in parts[finished:]:  # not committed: _commit raised on an earlier part
+            for part in parts:  # not committed: _commit raised on an earlier part
                 self._finish(part)
             with self._queued:
                 self._writing = False
@@ -1059,6 +1062,7 @@ class Inbox:
                     self._queued.notify()
 
     def _finish(self, part: List[_Write]) -> None:
+        """Answer every piece of work of a committed part (an error for what was not made)."""
         for work in part:
             if not work.done:  # only if _commit itself failed
                 work.error, work.done = InboxUnavailable("inbox %s: the write was not made"
